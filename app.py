@@ -1,0 +1,102 @@
+"""HematoVision web app: the Flask application factory and the `python app.py` entry point.
+
+The model is loaded once, here, at startup; a missing or broken model stops the app from starting
+rather than letting it answer with made-up predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from flask import Flask
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from hematovision import web
+from hematovision.classifier import ModelLoadError, load_classifier
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL_PATH = ROOT / "model" / "blood_cell_model.h5"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the app: defaults, then FLASK_* environment variables, then `test_config`."""
+    app = Flask(__name__)
+    app.config.from_mapping(
+        # No sessions or cookies are used; a random key just keeps Flask from running keyless.
+        SECRET_KEY=os.urandom(32).hex(),
+        MODEL_PATH=str(DEFAULT_MODEL_PATH),
+        MAX_CONTENT_LENGTH=16 * 1024 * 1024,
+        MAX_IMAGE_PIXELS=40_000_000,
+    )
+    app.config.from_prefixed_env()  # e.g. FLASK_MODEL_PATH, FLASK_MAX_CONTENT_LENGTH
+    if test_config:
+        app.config.from_mapping(test_config)
+
+    # Raises ModelLoadError with a clear message: there is deliberately no fallback model.
+    app.extensions[web.EXTENSION_KEY] = load_classifier(app.config["MODEL_PATH"])
+
+    app.request_class = web.InMemoryRequest  # uploads never touch the disk
+    app.register_blueprint(web.bp)
+    app.register_error_handler(RequestEntityTooLarge, web.handle_too_large)
+    app.register_error_handler(404, web.handle_not_found)
+    app.register_error_handler(405, web.handle_method_not_allowed)
+    app.register_error_handler(500, web.handle_server_error)
+    app.register_error_handler(HTTPException, web.handle_http_error)  # any other 4xx/5xx
+    app.after_request(web.add_security_headers)
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Serve the HematoVision web app.")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("FLASK_RUN_HOST", DEFAULT_HOST),
+        help=f"address to listen on (env FLASK_RUN_HOST; default {DEFAULT_HOST})",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,  # argparse also converts a string default, so a bad FLASK_RUN_PORT gets a clean error
+        default=os.environ.get("FLASK_RUN_PORT", str(DEFAULT_PORT)),
+        help=f"port to listen on (env FLASK_RUN_PORT; default {DEFAULT_PORT})",
+    )
+    return parser.parse_args(argv)
+
+
+def serve(app: Flask, host: str, port: int) -> None:
+    """Serve with waitress when installed, else Flask's own server. The debugger is never enabled:
+    it would let anyone who can reach the page run code on this machine."""
+    try:
+        from waitress import serve as waitress_serve
+    except ImportError:
+        app.run(host=host, port=port, debug=False, use_reloader=False)
+        return
+    # waitress buffers request bodies over 512 KB in a temporary file; keep every allowed upload in memory
+    # instead (MAX_CONTENT_LENGTH bounds it). The extra MiB leaves room for the multipart envelope, so
+    # slightly-too-large uploads still reach Flask and get the friendly 413 page.
+    body_limit = int(app.config["MAX_CONTENT_LENGTH"]) + 1024 * 1024
+    waitress_serve(app, host=host, port=port, max_request_body_size=body_limit, inbuf_overflow=body_limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app()
+    except ModelLoadError as exc:
+        print(f"HematoVision cannot start: {exc}", file=sys.stderr)
+        return 1
+    print(f"HematoVision is running at http://{args.host}:{args.port}/ (press Ctrl+C to stop)", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is the normal way to stop: no traceback
+        serve(app, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""MobileNetV2 transfer-learning network. Backend-agnostic Keras 3 (TensorFlow on CPU, PyTorch or JAX on GPU)."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from hematovision.imaging import IMAGE_SIZE
+
+BASE_NAME = "mobilenetv2_1.00_224"
+
+
+def build_model(num_classes: int, weights: str | None = "imagenet", dropout: float = 0.2) -> keras.Model:
+    """uint8-range RGB 224x224 in, softmax over `num_classes` out. All scaling lives inside the model."""
+    inputs = keras.Input(shape=(*IMAGE_SIZE, 3), name="image")
+    # MobileNetV2 expects [-1, 1]; a Rescaling layer (not preprocess_input) survives an .h5 round trip.
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_unit_range")(inputs)
+    base = keras.applications.MobileNetV2(
+        include_top=False, alpha=1.0, input_shape=(*IMAGE_SIZE, 3), weights=weights, name=BASE_NAME
+    )
+    # training=False keeps batch norm in inference mode even once the base is unfrozen (Keras guide).
+    x = base(x, training=False)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    # float32 output so softmax stays exact under a mixed-precision policy on the GPU.
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="hematovision_mobilenetv2")
+
+
+def base_of(model: keras.Model) -> keras.Model:
+    return model.get_layer(BASE_NAME)
+
+
+def set_trainable_from(model: keras.Model, first_layer: str | None) -> int:
+    """Freeze the base below `first_layer` (a layer name of MobileNetV2, e.g. 'block_13_expand');
+    None freezes the whole base, '' unfreezes it all. Returns the number of trainable base layers."""
+    base = base_of(model)
+    if first_layer is None:
+        base.trainable = False
+        return 0
+    base.trainable = True
+    names = [layer.name for layer in base.layers]
+    start = 0 if first_layer == "" else names.index(first_layer)
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= start
+    return len(base.layers) - start
+
+
+def build_augmenter(seed: int) -> keras.Sequential:
+    """The seed design's augmentation: rotation, both flips, zoom, width/height shift.
+    Black fill, as the dataset's own rotation borders."""
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal_and_vertical", seed=seed),
+            layers.RandomRotation(0.5, fill_mode="constant", fill_value=0.0, seed=seed + 1),
+            layers.RandomZoom(0.15, fill_mode="constant", fill_value=0.0, seed=seed + 2),
+            layers.RandomTranslation(0.1, 0.1, fill_mode="constant", fill_value=0.0, seed=seed + 3),
+        ],
+        name="augment",
+    )

@@ -1,0 +1,175 @@
+"""The web pages: upload form, prediction result, error pages, and the helpers the views lean on.
+
+Views stay thin: image checks live in hematovision.imaging, the model in hematovision.classifier.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from flask import Blueprint, Request, current_app, make_response, redirect, render_template, request, url_for
+from PIL import Image
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.wrappers import Response
+
+from hematovision.classifier import Classifier
+from hematovision.imaging import ImageRejected, decode_image, to_model_input
+
+EXTENSION_KEY = "hematovision"
+THUMBNAIL_MAX_SIDE = 448
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+}
+
+bp = Blueprint("web", __name__)
+
+
+class InMemoryRequest(Request):
+    """A request whose uploaded files stay in memory. Werkzeug spools uploads over 500 KB to a temporary
+    file on disk; we promise never to store images, and MAX_CONTENT_LENGTH already bounds the memory."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    label: str
+    probability: float
+
+    @property
+    def percent(self) -> str:
+        return f"{self.probability * 100:.1f}%"
+
+
+# --- views -------------------------------------------------------------------------------------------
+
+
+@bp.get("/")
+def index():
+    return render_home()
+
+
+@bp.get("/predict")
+def predict_form():
+    # A bookmarked or refreshed result page has nothing to show without an upload.
+    return redirect(url_for("web.index"))
+
+
+@bp.post("/predict")
+def predict():
+    upload = request.files.get("file")
+    if upload is None:
+        return render_home("No file was sent. Please choose an image to upload.", 400)
+    if not upload.filename:
+        return render_home("No file was selected. Please choose an image to upload.", 400)
+    try:
+        image = decode_image(upload.read(), max_pixels=current_app.config["MAX_IMAGE_PIXELS"])
+    except ImageRejected as exc:
+        current_app.logger.info("Upload rejected (%s): %s", exc.status, exc.message)
+        return render_home(exc.message, exc.status)
+
+    classifier = get_classifier()
+    scores = rank_classes(classifier.labels, classifier.predict(to_model_input(image)[None])[0])
+    image_uri, (width, height) = encode_thumbnail(image)
+    best = scores[0]
+    current_app.logger.info("Predicted %s (%s) for a %dx%d image", best.label, best.percent, *image.size)
+    response = make_response(
+        render_template(
+            "predict.html",
+            predicted=best,
+            scores=scores,
+            image_uri=image_uri,
+            image_width=width,
+            image_height=height,
+            filename=shorten(upload.filename),
+        )
+    )
+    response.headers["Cache-Control"] = "no-store"  # the page embeds the person's image
+    return response
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def get_classifier() -> Classifier:
+    return current_app.extensions[EXTENSION_KEY]
+
+
+def render_home(error: str | None = None, status: int = 200):
+    """The home page, optionally with an error message for the upload that just failed."""
+    max_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+    labels = get_classifier().labels
+    return render_template("index.html", error=error, labels=labels, max_upload_mb=f"{max_mb:g}"), status
+
+
+def rank_classes(labels: list[str], probabilities: np.ndarray) -> list[ClassScore]:
+    """Classes from most to least likely. The sort is stable, so a tie keeps np.argmax's choice first."""
+    scores = [ClassScore(label, float(p)) for label, p in zip(labels, probabilities, strict=True)]
+    return sorted(scores, key=lambda score: score.probability, reverse=True)
+
+
+def encode_thumbnail(image: Image.Image, max_side: int = THUMBNAIL_MAX_SIDE) -> tuple[str, tuple[int, int]]:
+    """A JPEG data: URI re-encoded from the decoded pixels: the page never echoes the uploaded bytes,
+    which could be an HTML/SVG polyglot, and a 40 MP photo does not bloat the page."""
+    width, height = image.size
+    scale = min(1.0, max_side / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    thumbnail = image
+    if size != image.size:
+        thumbnail = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    thumbnail.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), size
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_error_page(status: int, title: str, message: str):
+    return render_template("error.html", status=status, title=title, message=message), status
+
+
+# --- error handlers and headers (registered by create_app) -------------------------------------------
+
+
+def handle_too_large(error: HTTPException):
+    max_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+    return render_home(f"The file is too large. The limit is {max_mb:g} MB.", 413)
+
+
+def handle_not_found(error: HTTPException):
+    return render_error_page(404, "Page not found", "There is no page at this address.")
+
+
+def handle_method_not_allowed(error: MethodNotAllowed):
+    body, status = render_error_page(405, "Not allowed", "This page cannot be used that way.")
+    response = make_response(body, status)
+    if error.valid_methods:
+        response.headers["Allow"] = ", ".join(error.valid_methods)  # keep what HTTP requires of a 405
+    return response
+
+
+def handle_server_error(error: HTTPException):
+    # Flask has already logged the original exception with its traceback; the visitor sees none of it.
+    return render_error_page(500, "Something went wrong", "The server could not finish your request.")
+
+
+def handle_http_error(error: HTTPException):
+    return render_error_page(error.code or 500, error.name, "The server could not handle this request.")
+
+
+def add_security_headers(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny but real Keras model (built once per session), the app, and in-memory images."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import create_app
+
+LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+
+
+def make_image(fmt: str = "PNG", mode: str = "RGB", size: tuple[int, int] = (320, 240), **save_args) -> bytes:
+    """Encoded image bytes made in memory: a gradient, so that different images give different predictions."""
+    gradient = Image.linear_gradient("L").resize(size)
+    mirrored = gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    rgb = Image.merge("RGB", (gradient, mirrored, Image.new("L", size, 90)))
+    if mode == "RGB":
+        image = rgb
+    elif mode == "RGBA":
+        image = rgb.convert("RGBA")
+        image.putalpha(Image.linear_gradient("L").resize(size))
+    elif mode == "I;16":
+        image = Image.fromarray(np.asarray(gradient, dtype=np.uint16) * 257)  # full 16-bit range
+    else:
+        image = rgb.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+@pytest.fixture(name="make_image")
+def make_image_fixture():
+    return make_image
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    """The shipped MobileNetV2's input contract (uint8-range RGB 224x224 in, softmax out) in a few KB."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(1234)
+    inputs = keras.Input((224, 224, 3))
+    x = layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = layers.Conv2D(8, 7, strides=4, activation="relu")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(len(LABELS), activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+
+    path = tmp_path_factory.mktemp("model") / "tiny_model.h5"
+    model.save(path)
+    metadata = {"labels": LABELS, "image_size": [224, 224], "note": "tiny random test model"}
+    path.with_suffix(".json").write_text(json.dumps(metadata), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def app(tiny_model_path):
+    return create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path)})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
