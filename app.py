@@ -16,7 +16,7 @@ from pathlib import Path
 from flask import Flask
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from hematovision import web
+from hematovision import api, csrf, pages, web
 from hematovision.classifier import ModelLoadError, load_classifier
 
 ROOT = Path(__file__).resolve().parent
@@ -29,26 +29,40 @@ def create_app(test_config: dict | None = None) -> Flask:
     """Build the app: defaults, then FLASK_* environment variables, then `test_config`."""
     app = Flask(__name__)
     app.config.from_mapping(
-        # No sessions or cookies are used; a random key just keeps Flask from running keyless.
+        # Signs the session cookie that carries the CSRF nonce (hematovision/csrf.py). Random per start unless
+        # FLASK_SECRET_KEY is set: set it when several processes serve, or forms break across a restart.
         SECRET_KEY=os.urandom(32).hex(),
         MODEL_PATH=str(DEFAULT_MODEL_PATH),
         MAX_CONTENT_LENGTH=16 * 1024 * 1024,
         MAX_IMAGE_PIXELS=40_000_000,
+        INFERENCE_RUNTIME="tflite",  # or "tf.function" (FLASK_INFERENCE_RUNTIME): see hematovision/fast_runtime.py
+        INFERENCE_POOL_SIZE=2,  # TFLite interpreters shared by the server's threads
+        INFERENCE_THREADS=0,  # CPU threads per TFLite interpreter; 0: one per core
+        MAX_BATCH_FILES=32,  # files per request, on the page and the API
+        UNCERTAIN_BELOW=0.6,  # top probability under this is flagged uncertain (a plain threshold)
     )
     app.config.from_prefixed_env()  # e.g. FLASK_MODEL_PATH, FLASK_MAX_CONTENT_LENGTH
     if test_config:
         app.config.from_mapping(test_config)
 
     # Raises ModelLoadError with a clear message: there is deliberately no fallback model.
-    app.extensions[web.EXTENSION_KEY] = load_classifier(app.config["MODEL_PATH"])
+    app.extensions[web.EXTENSION_KEY] = load_classifier(
+        app.config["MODEL_PATH"],
+        runtime=app.config["INFERENCE_RUNTIME"],
+        pool_size=int(app.config["INFERENCE_POOL_SIZE"]),
+        num_threads=int(app.config["INFERENCE_THREADS"]) or None,
+    )
 
     app.request_class = web.InMemoryRequest  # uploads never touch the disk
     app.register_blueprint(web.bp)
+    app.register_blueprint(pages.bp)
     app.register_error_handler(RequestEntityTooLarge, web.handle_too_large)
     app.register_error_handler(404, web.handle_not_found)
     app.register_error_handler(405, web.handle_method_not_allowed)
     app.register_error_handler(500, web.handle_server_error)
     app.register_error_handler(HTTPException, web.handle_http_error)  # any other 4xx/5xx
+    api.init_app(app)  # after the page error handlers: it gives /api/ paths JSON versions of them
+    csrf.init_app(app)  # HTML form POSTs need {{ csrf_token() }}; /api/ is exempt
     app.after_request(web.add_security_headers)
     return app
 

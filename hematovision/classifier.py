@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from hematovision.imaging import IMAGE_SIZE
+
+RUNTIMES = ("tflite", "tf.function")  # tflite: hematovision.fast_runtime; tf.function: the Keras graph itself
+DEFAULT_RUNTIME = "tflite"
 
 
 class ModelLoadError(RuntimeError):
@@ -29,6 +33,7 @@ class Classifier:
     path: Path
     _call: object = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    runtime: str = "tf.function"  # the runtime actually in use (tflite falls back to tf.function, logged)
 
     @property
     def labels(self) -> list[str]:
@@ -44,8 +49,16 @@ class Classifier:
         return np.asarray(self._call(batch.astype(np.float32)), dtype=np.float64)
 
 
-def load_classifier(model_path: str | Path) -> Classifier:
-    """Read the .h5 model and its JSON metadata; raise ModelLoadError with a clear message."""
+def load_classifier(
+    model_path: str | Path, runtime: str = DEFAULT_RUNTIME, pool_size: int = 2, num_threads: int | None = None
+) -> Classifier:
+    """Read the .h5 model and its JSON metadata; raise ModelLoadError with a clear message.
+
+    `runtime` "tflite" (default) runs a float32 TFLite model derived from the .h5 (see fast_runtime);
+    "tf.function" runs the Keras graph directly. `pool_size`: TFLite interpreters shared by threads, each using
+    `num_threads` CPU threads (None: all cores)."""
+    if runtime not in RUNTIMES:
+        raise ModelLoadError(f"Unknown inference runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}.")
     model_path = Path(model_path)
     meta_path = metadata_path_for(model_path)
     if not model_path.is_file():
@@ -66,7 +79,29 @@ def load_classifier(model_path: str | Path) -> Classifier:
     outputs = model.outputs[0].shape[-1]
     if outputs != len(labels):
         raise ModelLoadError(f"The model has {outputs} outputs but its metadata lists {len(labels)} labels.")
+    if runtime == "tflite":
+        call = _fast_call(model, model_path, pool_size, num_threads)
+        if call is not None:
+            return Classifier(model=model, metadata=metadata, path=model_path, _call=call, runtime="tflite")
     return Classifier(model=model, metadata=metadata, path=model_path, _call=_compile_call(model))
+
+
+def _fast_call(model, model_path: Path, pool_size: int, num_threads: int | None):
+    """The TFLite interpreter pool for this .h5, or None (logged) when it cannot be had: then the
+    tf.function path serves the same model, only slower."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from hematovision import fast_runtime
+
+    try:
+        content = fast_runtime.load_or_convert(model_path, model)
+        pool = fast_runtime.InterpreterPool(content, size=pool_size, num_threads=num_threads)
+    except Exception as exc:  # conversion or interpreter errors come in many types
+        logging.getLogger(__name__).warning("TFLite runtime unavailable, using tf.function: %s", exc)
+        return None
+    return pool
 
 
 def _compile_call(model):

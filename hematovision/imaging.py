@@ -7,6 +7,7 @@ Pixel scaling is *not* done here: it lives inside the model (a Rescaling layer).
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ IMAGE_SIZE = (224, 224)
 ACCEPTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF", "MPO": "JPEG"}
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40 MP photo decodes to ~120 MB; bigger is a bomb, not a smear
 RESAMPLE = Image.Resampling.BILINEAR
+# What Pillow's decoders raise on malformed data besides OSError: found by bench/fuzz_decode.py (e.g. a damaged
+# TIFF gives TypeError "Missing dimensions" or SyntaxError "unknown pixel mode" when its frames are counted).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, KeyError, struct.error)
+DAMAGED_MESSAGE = "The image is damaged or incomplete and could not be decoded."
 
 
 @dataclass
@@ -40,11 +45,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         with warnings.catch_warnings():
             # Oversized images were refused from the header already; Pillow's own bomb warning adds nothing.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")  # corrupt-metadata notes
             image.load()
             image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageRejected(400, "The image is damaged or incomplete and could not be decoded.") from exc
-    return to_rgb(image)
+            return to_rgb(image)
+    except (*DECODE_ERRORS, Image.DecompressionBombError) as exc:
+        raise ImageRejected(400, DAMAGED_MESSAGE) from exc
 
 
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
@@ -52,10 +58,11 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageRejected(413, _too_many_pixels_message(max_pixels)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, *DECODE_ERRORS) as exc:
         raise ImageRejected(
             415, "This file is not an image we can read. Please upload a JPEG, PNG, BMP or TIFF image."
         ) from exc
@@ -68,7 +75,13 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected(400, "The image has no pixels.")
     if width * height > max_pixels:
         raise ImageRejected(413, _too_many_pixels_message(max_pixels, width, height))
-    if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            frames = getattr(image, "n_frames", 1)  # TIFF reads every page's header here
+    except DECODE_ERRORS as exc:
+        raise ImageRejected(400, DAMAGED_MESSAGE) from exc
+    if frames > 1 and image.format != "MPO":
         raise ImageRejected(400, "The file holds several images (pages or frames). Please upload a single image.")
     return image
 

@@ -7,9 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 from PIL import Image
 
 from app import create_app
+from hematovision import csrf
 
 LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
@@ -31,6 +34,28 @@ def make_image(fmt: str = "PNG", mode: str = "RGB", size: tuple[int, int] = (320
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
+
+
+class CsrfClient(FlaskClient):
+    """A test client that sends the CSRF token as a browser's form would, on every POST outside /api/.
+    Tests of the CSRF check itself use a plain FlaskClient (see tests/test_csrf.py)."""
+
+    def csrf_token(self) -> str:
+        with self.session_transaction() as session:
+            return csrf.generate_token(session, self.application)
+
+    def post(self, path="/", *args, **kwargs):
+        if isinstance(path, str) and not path.startswith(csrf.EXEMPT_PREFIXES):
+            headers = dict(kwargs.pop("headers", None) or {})
+            headers.setdefault(csrf.HEADER, self.csrf_token())
+            kwargs["headers"] = headers
+        return super().post(path, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def csrf_sending_test_client(monkeypatch):
+    """Every app's test_client() in the tests behaves like a browser that loaded the form first."""
+    monkeypatch.setattr(Flask, "test_client_class", CsrfClient)
 
 
 @pytest.fixture(name="make_image")

@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed-precision", choices=["auto", "on", "off"], default=DEFAULTS["mixed_precision"])
     p.add_argument("--limit", type=int, default=0, help="use at most N images per class (smoke runs)")
     p.add_argument("--workers", type=int, default=0, help="decode threads (0 = all cores)")
+    p.add_argument("--init-model", type=Path,
+                   help="continue from this .h5 (a model made by this script) instead of fresh ImageNet weights")
     p.add_argument("--max-minutes", type=float, default=0,
                    help="stop fine-tuning after this much wall time (0 = no limit); best weights are kept")
     return p.parse_args(argv)
@@ -242,7 +244,15 @@ def main(argv=None) -> dict:
     if use_mixed:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     weights = None if args.weights.lower() == "none" else args.weights
-    model = build_model(len(image_set.labels), weights=weights, dropout=args.dropout)
+    model = build_model(len(image_set.labels), weights=None if args.init_model else weights, dropout=args.dropout)
+    previous = None
+    if args.init_model:
+        # Weights only: the architecture is rebuilt here, under whatever dtype policy this run uses.
+        model.load_weights(args.init_model)
+        meta = args.init_model.with_suffix(".json")
+        previous = json.loads(meta.read_text(encoding="utf-8")).get("training") if meta.is_file() else None
+        if previous and previous.get("class_counts") and list(previous["class_counts"]) != image_set.labels:
+            raise SystemExit(f"--init-model was trained on {list(previous['class_counts'])}, not {image_set.labels}")
     inputs = keras.Input(shape=(*IMAGE_SIZE, 3))
     trainer = keras.Model(inputs, model(build_augmenter(args.seed)(inputs)), name="trainer")
     verbose = 1 if sys.stdout.isatty() else 2
@@ -265,8 +275,18 @@ def main(argv=None) -> dict:
         n = set_trainable_from(model, args.fine_tune_from)
         print(f"phase 2: fine-tuning {n} base layers, up to {args.epochs} epochs at lr {args.lr}")
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.patience, restore_best_weights=True)
+        start_loss = None
+        if args.init_model and len(val_idx):
+            trainer.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            start_loss = float(trainer.evaluate(val_data, verbose=0, return_dict=True)["loss"])
+            print(f"validation loss of --init-model: {start_loss:.4f}")
         fine_epochs_run = run_phase(args.epochs, args.lr, [stop, deadline])
         best_epoch = head_epochs_run + stop.best_epoch + 1
+        if start_loss is not None and stop.best >= start_loss:
+            # Continuing made validation worse: keep the model we started from.
+            print(f"no epoch beat the starting validation loss {start_loss:.4f}; keeping --init-model's weights")
+            model.load_weights(args.init_model)
+            best_epoch = 0
 
     # Export in float32 whatever policy trained it: the served model must not carry a GPU-only dtype policy.
     keras.mixed_precision.set_global_policy("float32")
@@ -302,13 +322,14 @@ def main(argv=None) -> dict:
             "validation_groups": len(set(np.asarray(groups)[val_idx])),
             "base_weights": Path(args.weights).name if weights else "none",
             "settings": {k: (v.as_posix() if isinstance(v, Path) else v) for k, v in vars(args).items()
-                         if k not in ("data_dir", "out", "sources")},
+                         if k not in ("data_dir", "out", "sources", "init_model")},
             "epochs_run": {"head": head_epochs_run, "fine_tune": fine_epochs_run, "best_epoch": best_epoch,
                            "stopped_by_time_budget": deadline.hit},
             "history": history,
             "device": device,
             "mixed_precision": use_mixed,
             "seconds": round(time.time() - started, 1),
+            "continued_from": ({"model": args.init_model.name, "training": previous} if args.init_model else None),
         },
         "versions": library_versions(),
         "validation": {"accuracy": val_accuracy, "n": int(len(val_idx))},

@@ -1,0 +1,247 @@
+"""Inference and serving benchmark for HematoVision.
+
+    python bench/bench_predict.py                 # everything, ~2-3 minutes on 2 idle cores
+    python bench/bench_predict.py --runs 50 --requests 30 --skip-startup   # quicker
+
+Measures, on the shipped model (or --model):
+  1. model time for one 224x224 image: model.predict, eager model(x), tf.function, and the fast runtime (TFLite);
+  2. POST /predict latency through the Flask test client with a real 320x240 JPEG (decode, resize, model,
+     thumbnail, HTML page);
+  3. the same request through the naive path of a typical project (save the upload to a temporary file,
+     keras.utils.load_img(target_size=(224, 224)), img_to_array / 255, model.predict), and the ratio;
+  4. start-up of `python app.py --port N` until the first 200, and its resident memory after 30 requests.
+Prints a table and writes bench/results/bench_predict.json. Targets are from issue 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import _common  # noqa: E402
+
+TARGETS = {
+    "model_fast_runtime_median_ms": 5.0,
+    "post_predict_median_ms": 15.0,
+    "speedup_vs_naive_min": 5.0,
+    "startup_s": 5.0,
+    "rss_mb": 800.0,
+}
+
+
+def bench_model(model_path: Path, runs: int) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from hematovision.classifier import load_classifier
+    from hematovision.imaging import prepare_bytes
+
+    name, data = _common.sample_jpeg()
+    x = prepare_bytes(data)[None].astype(np.float32)
+    model = keras.models.load_model(model_path, compile=False)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
+    def serve(batch):
+        return model(batch, training=False)
+
+    fast = load_classifier(model_path, runtime="tflite")
+    if fast.runtime != "tflite":
+        raise SystemExit("the TFLite runtime could not be loaded: see the log above")
+    results = {
+        "model.predict": _common.time_calls(lambda: model.predict(x, verbose=0), runs),
+        "eager model(x)": _common.time_calls(lambda: model(x, training=False).numpy(), runs),
+        "tf.function": _common.time_calls(lambda: serve(x).numpy(), runs),
+        "fast runtime (TFLite)": _common.time_calls(lambda: fast.predict(x), runs),
+    }
+    reference = serve(x).numpy()
+    results["max_abs_difference_tflite_vs_keras"] = float(np.abs(fast.predict(x) - reference).max())
+    return results
+
+
+def _csrf_fields(client) -> dict:
+    match = _common.TOKEN_RE.search(client.get("/").get_data(as_text=True))
+    return {"csrf_token": match.group(1)} if match else {}
+
+
+def bench_post_predict(model_path: Path, requests: int, explain: bool = True) -> dict:
+    """`explain=False` times the page without its Grad-CAM overlay (web.explain_prediction stubbed), to show
+    what the prediction itself costs against the explanation."""
+    import contextlib
+    from unittest import mock
+
+    from app import create_app
+    from hematovision import web
+
+    name, data = _common.sample_jpeg()
+    app = create_app({"MODEL_PATH": str(model_path)})
+    client = app.test_client()
+    fields = _csrf_fields(client)
+
+    def post():
+        response = client.post(
+            "/predict", data={**fields, "file": (io.BytesIO(data), name)}, content_type="multipart/form-data"
+        )
+        assert response.status_code == 200, response.status_code
+
+    stub = contextlib.nullcontext()
+    if not explain and hasattr(web, "explain_prediction"):
+        stub = mock.patch.object(web, "explain_prediction", lambda *args, **kwargs: None)
+    with stub:
+        timings = _common.time_calls(post, requests)
+    return {"runtime": app.extensions["hematovision"].runtime, "grad_cam": explain, **timings}
+
+
+def naive_app(model_path: Path):
+    """What a typical Flask + Keras project does per request. Our model scales pixels itself, so its answers
+    are off here; this is for timing only, with the same network."""
+    import keras
+    import numpy as np
+    from flask import Flask, render_template_string, request
+
+    app = Flask("naive")
+    model = keras.models.load_model(model_path, compile=False)
+    labels = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+
+    @app.post("/predict")
+    def predict():
+        upload = request.files["file"]
+        handle, path = tempfile.mkstemp(suffix=os.path.splitext(upload.filename)[1])
+        os.close(handle)
+        try:
+            upload.save(path)
+            image = keras.utils.load_img(path, target_size=(224, 224))
+            array = keras.utils.img_to_array(image) / 255.0
+            probabilities = model.predict(np.expand_dims(array, 0), verbose=0)[0]
+        finally:
+            os.remove(path)
+        label = labels[int(np.argmax(probabilities))]
+        return render_template_string("<p>Predicted: {{ label }} ({{ p }})</p>", label=label, p=probabilities.max())
+
+    return app
+
+
+def bench_naive(model_path: Path, requests: int) -> dict:
+    name, data = _common.sample_jpeg()
+    client = naive_app(model_path).test_client()
+
+    def post():
+        response = client.post("/predict", data={"file": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+        assert response.status_code == 200, response.status_code
+
+    return _common.time_calls(post, requests)
+
+
+def bench_startup(repeats: int, requests: int) -> dict:
+    """Wall time from spawning `python app.py` to the first 200 on GET /, then RSS after `requests` POSTs."""
+    name, data = _common.sample_jpeg()
+    times, memory = [], {}
+    for attempt in range(repeats):
+        port = _common.free_port()
+        base = f"http://127.0.0.1:{port}"
+        start = time.perf_counter()
+        process = _common.start_server(port)
+        try:
+            times.append(_common.wait_until_serving(process, base, start))
+            if attempt == repeats - 1:
+                memory["after_start"] = _common.rss_mb(process.pid)
+                client = _common.HttpClient(base)
+                client.fetch_token()
+                statuses = [client.post_files("/predict", [(name, data)])[0] for _ in range(requests)]
+                memory[f"after_{requests}_requests"] = _common.rss_mb(process.pid)
+                memory["statuses"] = sorted(set(statuses))
+        finally:
+            _common.stop_server(process)
+    return {"startup_s": [round(t, 3) for t in times], "startup_median_s": round(statistics.median(times), 3),
+            **memory}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=_common.ROOT / "model" / "blood_cell_model.h5")
+    parser.add_argument("--runs", type=int, default=200, help="model calls per variant (default 200)")
+    parser.add_argument("--requests", type=int, default=100, help="POSTs per web variant (default 100)")
+    parser.add_argument("--startup-repeats", type=int, default=3)
+    parser.add_argument("--skip-startup", action="store_true")
+    parser.add_argument("--label", default="", help="a note stored with the results, e.g. 'under load'")
+    parser.add_argument("--out", default="bench_predict", help="results file name in bench/results/")
+    args = parser.parse_args(argv)
+
+    result = {"environment": _common.environment(), "label": args.label, "model": str(args.model),
+              "runs": args.runs, "requests": args.requests, "targets": TARGETS}
+    result["model_time_one_image"] = bench_model(args.model, args.runs)
+    result["post_predict"] = bench_post_predict(args.model, args.requests)
+    result["post_predict_without_grad_cam"] = bench_post_predict(args.model, args.requests, explain=False)
+    result["naive_post_predict"] = bench_naive(args.model, args.requests)
+    ours, naive = result["post_predict"]["median_ms"], result["naive_post_predict"]["median_ms"]
+    result["speedup_vs_naive"] = round(naive / ours, 2)
+    bare = result["post_predict_without_grad_cam"]["median_ms"]
+    result["speedup_vs_naive_without_grad_cam"] = round(naive / bare, 2)
+    if not args.skip_startup:
+        result["server"] = bench_startup(args.startup_repeats, 30)
+    result["environment"]["load_average_at_end"] = _common.load_average()
+    result["checks"] = checks(result)
+    path = _common.write_results(args.out, result)
+    print_table(result)
+    print(f"\nwrote {path.relative_to(_common.ROOT)}")
+    return 0
+
+
+def checks(result: dict) -> dict:
+    fast = result["model_time_one_image"]["fast runtime (TFLite)"]["median_ms"]
+    found = {
+        "model_fast_runtime_median_ms": (fast, fast <= TARGETS["model_fast_runtime_median_ms"]),
+        "post_predict_median_ms": (result["post_predict"]["median_ms"],
+                                   result["post_predict"]["median_ms"] <= TARGETS["post_predict_median_ms"]),
+        "speedup_vs_naive_min": (result["speedup_vs_naive"],
+                                 result["speedup_vs_naive"] >= TARGETS["speedup_vs_naive_min"]),
+    }
+    server = result.get("server")
+    if server:
+        found["startup_s"] = (server["startup_median_s"], server["startup_median_s"] <= TARGETS["startup_s"])
+        peak = max(v["rss_mb"] for k, v in server.items() if k.startswith("after_"))
+        found["rss_mb"] = (peak, peak <= TARGETS["rss_mb"])
+    return {name: {"value": value, "target": TARGETS[name], "met": met} for name, (value, met) in found.items()}
+
+
+def print_table(result: dict) -> None:
+    env = result["environment"]
+    print(f"\nHematoVision benchmark {result['label']}  ({env['cpus']} CPUs, load average "
+          f"{env['load_average_at_start']} -> {env['load_average_at_end']})")
+    print(f"\n{'model time, one 224x224 image':34} {'median ms':>10} {'p90 ms':>10} {'runs':>6}")
+    for name, row in result["model_time_one_image"].items():
+        if isinstance(row, dict):
+            print(f"{name:34} {row['median_ms']:10.2f} {row['p90_ms']:10.2f} {row['n']:6d}")
+    difference = result["model_time_one_image"]["max_abs_difference_tflite_vs_keras"]
+    print(f"max |TFLite - Keras| probability: {difference:.2e}")
+    print(f"\n{'POST /predict, 320x240 JPEG':34} {'median ms':>10} {'p90 ms':>10} {'reqs':>6}")
+    runtime = result["post_predict"]["runtime"]
+    for name, key in ((f"HematoVision ({runtime}, Grad-CAM)", "post_predict"),
+                      (f"HematoVision ({runtime}, no Grad-CAM)", "post_predict_without_grad_cam"),
+                      ("naive temp file + load_img + predict", "naive_post_predict")):
+        row = result[key]
+        print(f"{name:34} {row['median_ms']:10.2f} {row['p90_ms']:10.2f} {row['n']:6d}")
+    print(f"speed-up over naive: {result['speedup_vs_naive']:.1f}x as served, "
+          f"{result['speedup_vs_naive_without_grad_cam']:.1f}x without the Grad-CAM overlay")
+    server = result.get("server")
+    if server:
+        print(f"\nstart-up to first 200: {server['startup_s']} s (median {server['startup_median_s']} s)")
+        for key, value in server.items():
+            if key.startswith("after_"):
+                print(f"memory {key.replace('_', ' ')}: RSS {value['rss_mb']} MB (peak {value['peak_rss_mb']} MB)")
+    print(f"\n{'target':32} {'value':>10} {'target':>10}  met")
+    for name, row in result["checks"].items():
+        print(f"{name:32} {row['value']:10} {row['target']:10}  {'yes' if row['met'] else 'NO'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""End to end in a real headless Chromium: the app (tiny real model) served on a local port, a person's clicks.
+
+Needs the `playwright` Python package and a Chromium binary (`apt-get install chromium`; no `playwright install`:
+the system browser is used). Skips, with the reason, when either is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from werkzeug.serving import make_server
+
+from app import create_app
+from hematovision.imaging import prepare_bytes
+
+LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+def find_chromium() -> str | None:
+    for candidate in (os.environ.get("HEMATOVISION_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is not installed", exc_type=ImportError
+    )
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no Chromium binary (apt-get install chromium, or set HEMATOVISION_CHROMIUM)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=LAUNCH_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def live_app(tiny_model_path):
+    """The app on 127.0.0.1 at a free port, in a thread; the threshold 0 counts every image in a batch."""
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": 0.0})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield app, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    page = context.new_page()
+    problems: list[str] = []  # console errors include CSP violations: the pages must need no inline code
+    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    yield page
+    context.close()
+    assert problems == []
+
+
+def expected_label(app, data: bytes) -> str:
+    return LABELS[int(np.argmax(app.extensions["hematovision"].predict(prepare_bytes(data)[None])[0]))]
+
+
+def test_upload_one_image_and_read_the_result(live_app, page, make_image):
+    app, base = live_app
+    data = make_image("PNG")
+    page.goto(base + "/")
+    page.set_input_files("#file", files=[{"name": "cell.png", "mimeType": "image/png", "buffer": data}])
+    page.get_by_label("Also show where the model looked").check()
+    page.get_by_role("button", name="Predict", exact=True).click()
+    page.wait_for_url(base + "/predict")
+    assert page.locator("h1").inner_text() == "Prediction Result"
+    predicted = re.search(r"Predicted Class: (\w+)", page.locator(".predicted").inner_text()).group(1)
+    assert predicted == expected_label(app, data)
+
+    # The no-script toggle: the heatmap is hidden until its radio button is chosen.
+    heatmap = page.locator(".result__image--heatmap")
+    assert not heatmap.is_visible() and page.locator(".result__image").first.is_visible()
+    page.get_by_text("Where the model looked").click()
+    assert heatmap.is_visible() and not page.locator(".result__image").first.is_visible()
+
+
+def test_upload_a_batch_and_read_the_table(live_app, page, make_image, tmp_path):
+    app, base = live_app
+    images = {
+        "a.png": make_image("PNG"),
+        "b.jpg": make_image("JPEG", size=(90, 200)),
+        "c.png": make_image(size=(64, 64)),
+    }
+    files = [{"name": name, "mimeType": "image/png", "buffer": data} for name, data in images.items()]
+    files.append({"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"})
+    page.goto(base + "/")
+    page.set_input_files("#file", files=files)
+    page.get_by_role("button", name="Predict", exact=True).click()
+    page.wait_for_url(base + "/predict")
+    assert page.locator("h1").inner_text() == "Batch Result"
+
+    rows = page.locator(".batch-table tbody tr")
+    assert rows.count() == 3
+    for i, (name, data) in enumerate(images.items()):
+        cells = rows.nth(i).locator("td").all_inner_texts()
+        assert cells[1] == name and cells[2] == expected_label(app, data)
+        assert rows.nth(i).locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+    counts = page.locator(".differential tbody tr td:nth-child(2)").all_inner_texts()
+    assert sum(int(c) for c in counts) == 3
+    assert "notes.txt" in page.locator(".batch__apart").inner_text()
+
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="Download results as CSV").click()
+    download = download_info.value
+    assert download.suggested_filename == "hematovision_results.csv"
+    lines = Path(download.path()).read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("filename,label,probability,uncertain") and len(lines) == 5
+
+
+def test_model_card_and_a_sample_from_the_header_and_home_page(live_app, page):
+    _app, base = live_app
+    page.goto(base + "/")
+    page.get_by_role("navigation").get_by_role("link", name="About the model").click()
+    assert page.locator("h1").inner_text() == "About the model"
+    page.goto(base + "/")
+    page.get_by_role("button", name="Monocyte").click()
+    assert page.locator("h1").inner_text() == "Prediction Result"
+    assert "Sample: monocyte.jpeg" in page.locator("figcaption").inner_text()

@@ -1,0 +1,149 @@
+"""Grad-CAM with the tiny real Keras model (no mocks): the heatmap, the overlay, the page, and the measure script."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.test import stream_encode_multipart
+
+from hematovision import gradcam
+from hematovision.imaging import prepare_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+import measure_gradcam  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_path):
+    import keras
+
+    return keras.models.load_model(tiny_model_path, compile=False)
+
+
+def post_files(client, files, explain=True):
+    fields = MultiDict([("file", FileStorage(io.BytesIO(data), name)) for name, data in files])
+    if explain:
+        fields.add("explain", "on")
+    body, _length, boundary = stream_encode_multipart(fields, use_tempfile=False)
+    return client.post("/predict", data=body.getvalue(), content_type=f"multipart/form-data; boundary={boundary}")
+
+
+def smear(size=(320, 240), cell=(200, 120, 40), dot=(40, 40, 4)) -> Image.Image:
+    """A pink background with one big purple 'cell' and one small purple 'platelet'."""
+    image = Image.new("RGB", size, (225, 185, 190))
+    draw = ImageDraw.Draw(image)
+    for x, y, r in (cell, dot):
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(110, 70, 190))
+    return image
+
+
+def test_heatmap_has_the_last_spatial_layers_shape_and_lies_in_0_1(tiny_model, make_image):
+    explainer = gradcam.GradCam(tiny_model)
+    assert explainer.layer.name.startswith("conv2d")
+    for class_index in range(4):
+        heatmap = explainer.compute_heatmap(prepare_bytes(make_image()), class_index)
+        assert heatmap.shape == (55, 55)  # 7x7 convolution, stride 4, on 224 pixels
+        assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0
+        assert heatmap.max() in (0.0, 1.0)  # normalised by its peak (or all zero)
+
+
+def test_a_nested_base_model_is_explained_at_its_output():
+    """The shipped model's shape: the convolutional base is a nested Functional model, then pooling + softmax."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(7)
+    base_in = keras.Input((224, 224, 3))
+    base_out = layers.Conv2D(4, 3, strides=32, padding="same", activation="relu", name="out_relu")(base_in)
+    base = keras.Model(base_in, base_out, name="base")
+    inputs = keras.Input((224, 224, 3))
+    x = layers.GlobalAveragePooling2D()(base(layers.Rescaling(1 / 255)(inputs)))
+    model = keras.Model(inputs, layers.Dense(4, activation="softmax")(x))
+
+    explainer = gradcam.GradCam(model)
+    assert explainer.layer.name == "base"
+    heatmap = explainer.compute_heatmap(np.full((224, 224, 3), 128, np.uint8), 2)
+    assert heatmap.shape == (7, 7) and 0.0 <= heatmap.min() <= heatmap.max() <= 1.0
+
+
+def test_a_model_without_spatial_layers_is_refused():
+    import keras
+
+    inputs = keras.Input((224, 224, 3))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(inputs)))
+    with pytest.raises(ValueError, match="spatial"):
+        gradcam.find_target_layer(model)
+
+
+def test_peak_and_overlay_follow_the_image_size():
+    heatmap = np.zeros((7, 7))
+    heatmap[6, 0] = 1.0  # bottom-left corner
+    x, y = gradcam.find_peak(heatmap, (320, 240))
+    assert x < 320 / 7 and y > 240 * 6 / 7
+    image = Image.new("RGB", (320, 240), (200, 180, 190))
+    overlay = gradcam.overlay_heatmap(image, heatmap)
+    assert overlay.size == (320, 240) and overlay.mode == "RGB"
+    hot, cold = np.asarray(overlay)[235, 5], np.asarray(overlay)[5, 315]
+    assert abs(int(hot[0]) - int(hot[2])) > abs(int(cold[0]) - int(cold[2]))  # red over the peak only
+    assert gradcam.encode_jpeg_uri(overlay).startswith("data:image/jpeg;base64,")
+
+
+def test_result_page_offers_the_heatmap_with_a_scriptless_toggle(client, make_image):
+    text = html.unescape(post_files(client, [("cell.png", make_image())]).get_data(as_text=True))
+    assert re.search(r'<input class="view-toggle__input" type="radio" name="view" id="view-image" checked>', text)
+    assert re.search(r'<label class="view-toggle__label" for="view-heatmap">', text)
+    heatmap = re.search(r'<img class="result__image result__image--heatmap" src="data:image/jpeg;base64,([^"]+)"', text)
+    assert heatmap
+    original = re.search(r'<img class="result__image" src="data:image/jpeg;base64,([^"]+)"', text)
+    sizes = [Image.open(io.BytesIO(base64.b64decode(m.group(1)))).size for m in (original, heatmap)]
+    assert sizes[0] == sizes[1]
+
+
+def test_heatmap_is_opt_in_so_the_plain_prediction_stays_fast(client, make_image):
+    text = post_files(client, [("cell.png", make_image())], explain=False).get_data(as_text=True)
+    assert "Predicted Class:" in text and "result__image--heatmap" not in text
+    assert "hematovision.gradcam" not in client.application.extensions
+
+
+def test_batch_page_and_api_do_not_compute_heatmaps(client, make_image):
+    files = [("a.png", make_image()), ("b.png", make_image(size=(50, 70)))]
+    assert "result__image--heatmap" not in post_files(client, files).get_data(as_text=True)
+    assert "hematovision.gradcam" not in client.application.extensions
+
+
+# --- training/measure_gradcam.py -------------------------------------------------------------------
+
+
+def test_cell_mask_is_the_largest_purple_blob_dilated():
+    mask = measure_gradcam.find_cell_mask(np.asarray(smear()), margin=3)
+    assert mask[120, 200] and mask[120, 200 + 40 + 2]  # inside, and in the dilated rim
+    assert not mask[40, 40]  # the small 'platelet' is not the cell
+    assert not mask[120, 200 + 40 + 6]
+    assert measure_gradcam.find_cell_mask(np.full((50, 50, 3), 220, np.uint8)) is None
+
+
+def test_measure_script_reports_a_hit_rate(tiny_model_path, tmp_path, capsys):
+    for label in ("EOSINOPHIL", "NEUTROPHIL"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        smear().save(tmp_path / "data" / label / "a.png")
+    Image.new("RGB", (64, 64), (220, 220, 220)).save(tmp_path / "data" / "NEUTROPHIL" / "blank.png")
+    out = tmp_path / "report.json"
+    result = measure_gradcam.main(
+        ["--data-dir", str(tmp_path / "data"), "--model", str(tiny_model_path), "--json", str(out)]
+    )
+    assert result["n"] == 2 and 0 <= result["hits"] <= 2
+    assert result["no_cell_found"] == ["NEUTROPHIL/blank.png"]
+    assert set(result["per_folder"]) == {"EOSINOPHIL", "NEUTROPHIL"}
+    assert 0 < result["chance_rate"] < 0.2
+    assert json.loads(out.read_text())["hits"] == result["hits"]
+    assert "Grad-CAM peak on the stained cell" in capsys.readouterr().out
