@@ -46,7 +46,21 @@ class Classifier:
             batch = batch[None]
         if batch.shape[1:] != (*IMAGE_SIZE, 3):
             raise ValueError(f"expected (N, {IMAGE_SIZE[0]}, {IMAGE_SIZE[1]}, 3), got {batch.shape}")
-        return np.asarray(self._call(batch.astype(np.float32)), dtype=np.float64)
+        views = symmetric_views(batch.astype(np.float32), int(self.metadata.get("test_time_views", 1)))
+        return np.mean([np.asarray(self._call(view), dtype=np.float64) for view in views], axis=0)
+
+
+def symmetric_views(batch: np.ndarray, count: int) -> list[np.ndarray]:
+    """Test-time augmentation: the first `count` of 8 flips/turns of each image (1 = the image as it is).
+    A white cell has no up or down, so every view is an equally valid input; averaging them steadies the answer.
+    Order: identity, mirror, half-turn, half-turn mirrored (= vertical flip), then the quarter-turns."""
+    if count not in (1, 2, 4, 8):
+        raise ValueError(f"test_time_views must be 1, 2, 4 or 8, not {count}")
+    views = []
+    for k in (0, 2, 1, 3):
+        turned = np.rot90(batch, k, axes=(1, 2))
+        views += [turned, turned[:, :, ::-1]]
+    return [np.ascontiguousarray(view) for view in views[:count]]
 
 
 def load_classifier(

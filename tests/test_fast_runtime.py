@@ -143,3 +143,20 @@ def test_tensorflow_interpreter_is_used_when_litert_is_absent(tiny_model_path, f
     classifier = load_classifier(tiny_model_path)
     batch = random_batch(2, seed=11)
     np.testing.assert_allclose(classifier.predict(batch), fast_classifier.predict(batch), atol=1e-6)
+
+
+def test_test_time_views_average_the_flipped_and_turned_images(tiny_model_path):
+    """With test_time_views set in the metadata, predict() is the mean over those symmetric views."""
+    from hematovision.classifier import load_classifier, symmetric_views
+    classifier = load_classifier(tiny_model_path, runtime="tf.function")
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    x[:, :112, :, 0] = 255  # a strong asymmetric feature the tiny model's output depends on
+    views = symmetric_views(x.astype(np.float32), 8)
+    assert len(views) == 8 and len({v.tobytes() for v in views}) == 8  # all distinct for a non-symmetric image
+    single = [classifier.predict(v) for v in views]
+    classifier.metadata["test_time_views"] = 4
+    np.testing.assert_allclose(classifier.predict(x), np.mean(single[:4], axis=0), atol=1e-6)
+    classifier.metadata["test_time_views"] = 1
+    np.testing.assert_allclose(classifier.predict(x), single[0], atol=1e-6)
+    assert not np.allclose(single[0], np.mean(single[:4], axis=0))  # the views really differ for this model

@@ -1,14 +1,28 @@
 """Train the HematoVision white-blood-cell classifier (MobileNetV2 transfer learning).
 
-The shipped model/blood_cell_model.h5 was made with exactly this command (one GPU, PyTorch backend):
+The shipped model/blood_cell_model.h5 was made in two runs of this script, from the repository root, with the
+Kaggle set at ../shared/data/blood-cells and the offline ImageNet weights at ../shared/weights:
+
+ 1. On a lent GPU (one H200, Keras on the PyTorch backend, bf16 mixed precision), 8 minutes; its 7.5-minute
+    budget ended fine-tuning after 3 head epochs and 4 fine-tuning epochs (record: model/provenance/):
 
     KERAS_BACKEND=torch python training/train.py \
         --data-dir ../shared/data/blood-cells/dataset2-master/images/TRAIN \
-        --weights ../shared/weights/mobilenet_v2_1.0_224_coralquant_bnrecal_no_top_legacy.h5
+        --weights ../shared/weights/mobilenet_v2_1.0_224_coralquant_bnrecal_no_top_legacy.h5 --max-minutes 7.5
 
-On a CPU-only machine the same command runs on the TensorFlow backend (no KERAS_BACKEND needed); it takes
-hours for full fine-tuning, so `--fine-tune-from block_13_expand` (only the top blocks) is the practical choice
-there. `--weights imagenet` (the default) lets Keras download the ImageNet weights on a connected machine.
+ 2. Continued on the 2-core CPU (TensorFlow backend, float32) at a lower learning rate, early-stopped on the
+    same grouped validation split, starting from run 1's output (here copied to /tmp/gpu_stage/):
+
+    python training/train.py --data-dir ../shared/data/blood-cells/dataset2-master/images/TRAIN \
+        --weights ../shared/weights/mobilenet_v2_1.0_224_coralquant_bnrecal_no_top_legacy.h5 \
+        --init-model /tmp/gpu_stage/blood_cell_model.h5 --head-epochs 0 --lr 3e-5 --epochs 8 --patience 2 \
+        --max-minutes 58 --out /tmp/stage2/blood_cell_model.h5      (then copied into model/)
+
+The metadata JSON beside the model records each run's command, history and timing. On a CPU-only machine a
+single run with the defaults fine-tunes the whole base at ~10-13 min per epoch on 2 cores (hours in all);
+`--fine-tune-from block_13_expand` trains only the top blocks, about 3x cheaper. `--weights imagenet` (the default)
+lets Keras download the ImageNet weights on a connected machine. With a GPU, install PyTorch and set
+KERAS_BACKEND=torch (or use a CUDA build of TensorFlow); mixed precision switches on by itself.
 
 Recipe: decode -> RGB -> 224x224 (hematovision.imaging, the same path the app uses); validation cut from TRAIN
 by whole source photo (training/splits/kaggle_train_sources.csv, see training/group_sources.py); phase 1 trains
