@@ -16,7 +16,7 @@ from pathlib import Path
 from flask import Flask
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from hematovision import api, csrf, pages, web
+from hematovision import api, batch, csrf, pages, web
 from hematovision.classifier import ModelLoadError, load_classifier
 
 ROOT = Path(__file__).resolve().parent
@@ -38,8 +38,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         INFERENCE_RUNTIME="tflite",  # or "tf.function" (FLASK_INFERENCE_RUNTIME): see hematovision/fast_runtime.py
         INFERENCE_POOL_SIZE=2,  # TFLite interpreters shared by the server's threads
         INFERENCE_THREADS=0,  # CPU threads per TFLite interpreter; 0: one per core
-        MAX_BATCH_FILES=32,  # files per request, on the page and the API
-        UNCERTAIN_BELOW=0.6,  # top probability under this is flagged uncertain (a plain threshold)
+        MAX_BATCH_FILES=batch.DEFAULT_MAX_BATCH_FILES,  # files per request, on the page and the API
+        UNCERTAIN_BELOW=batch.DEFAULT_UNCERTAIN_BELOW,  # top probability under this is flagged uncertain
     )
     app.config.from_prefixed_env()  # e.g. FLASK_MODEL_PATH, FLASK_MAX_CONTENT_LENGTH
     if test_config:

@@ -7,13 +7,13 @@ In a batch, a file that is not a usable image gets its own error entry; the othe
 
 from __future__ import annotations
 
-import hashlib
 from functools import wraps
 
 from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from hematovision.batch import DEFAULT_MAX_BATCH_FILES, DEFAULT_UNCERTAIN_BELOW, ItemResult, classify_files
+from hematovision.batch import ItemResult, classify_files
+from hematovision.fast_runtime import sha256_of
 
 API_PREFIX = "/api"
 VERSION_KEY = "hematovision.model_version"
@@ -36,11 +36,7 @@ def describe_model_version(metadata: dict, model_path) -> str:
     """The metadata's creation time when it has one, else the start of the model file's SHA-256."""
     if metadata.get("created"):
         return str(metadata["created"])
-    digest = hashlib.sha256()
-    with open(model_path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()[:12]
+    return "sha256:" + sha256_of(model_path)[:12]
 
 
 # --- views -------------------------------------------------------------------------------------------
@@ -51,7 +47,7 @@ def predict():
     uploads = request.files.getlist("file")
     if not uploads:
         return error_response(400, "No file was sent. Send one or more images in the multipart field 'file'.")
-    max_files = int(current_app.config.get("MAX_BATCH_FILES", DEFAULT_MAX_BATCH_FILES))
+    max_files = int(current_app.config["MAX_BATCH_FILES"])
     if len(uploads) > max_files:
         return error_response(413, f"Too many files: {len(uploads)}. The limit is {max_files} per request.")
     classifier = current_app.extensions["hematovision"]
@@ -59,7 +55,7 @@ def predict():
         classifier,
         [(upload.filename or "", upload.read()) for upload in uploads],
         max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
-        uncertain_below=float(current_app.config.get("UNCERTAIN_BELOW", DEFAULT_UNCERTAIN_BELOW)),
+        uncertain_below=float(current_app.config["UNCERTAIN_BELOW"]),
     )
     if len(results) == 1 and not results[0].ok:
         # One file: answer with its own status (400/413/415), as the page does.
@@ -87,7 +83,7 @@ def model_metadata():
 @bp.get("/openapi.json")
 def openapi():
     labels = current_app.extensions["hematovision"].labels
-    return jsonify(build_openapi(labels, int(current_app.config.get("MAX_BATCH_FILES", DEFAULT_MAX_BATCH_FILES))))
+    return jsonify(build_openapi(labels, int(current_app.config["MAX_BATCH_FILES"])))
 
 
 # --- helpers -----------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,6 @@ class Classifier:
     metadata: dict
     path: Path
     _call: object = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     runtime: str = "tf.function"  # the runtime actually in use (tflite falls back to tf.function, logged)
 
     @property

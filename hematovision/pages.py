@@ -12,13 +12,7 @@ from flask import Blueprint, abort, current_app, make_response, render_template,
 from werkzeug.datastructures import FileStorage
 
 from hematovision import web
-from hematovision.batch import (
-    DEFAULT_MAX_BATCH_FILES,
-    DEFAULT_UNCERTAIN_BELOW,
-    classify_files,
-    count_differential,
-    write_csv,
-)
+from hematovision.batch import classify_files, count_differential, write_csv
 from hematovision.imaging import decode_image
 
 BATCH_THUMBNAIL_SIDE = 96
@@ -46,7 +40,7 @@ def model_card():
         labels=classifier.labels,
         figures=[(name, describe_figure(name)) for name in list_model_figures(classifier.path)],
         model_file=classifier.path.name,
-        uncertain_below=float(current_app.config.get("UNCERTAIN_BELOW", DEFAULT_UNCERTAIN_BELOW)),
+        uncertain_below=float(current_app.config["UNCERTAIN_BELOW"]),
     )
 
 
@@ -78,11 +72,11 @@ def offer_samples():
 
 def render_batch(uploads: list[FileStorage]):
     """The result page for several files posted to /predict at once."""
-    max_files = int(current_app.config.get("MAX_BATCH_FILES", DEFAULT_MAX_BATCH_FILES))
+    max_files = int(current_app.config["MAX_BATCH_FILES"])
     if len(uploads) > max_files:
         return web.render_home(f"Too many files: {len(uploads)}. You can send up to {max_files} at once.", 413)
     classifier = web.get_classifier()
-    threshold = float(current_app.config.get("UNCERTAIN_BELOW", DEFAULT_UNCERTAIN_BELOW))
+    threshold = float(current_app.config["UNCERTAIN_BELOW"])
     results = classify_files(
         classifier,
         [(upload.filename or "(no name)", upload.read()) for upload in uploads],
