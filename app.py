@@ -39,7 +39,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         INFERENCE_POOL_SIZE=2,  # TFLite interpreters shared by the server's threads
         INFERENCE_THREADS=0,  # CPU threads per TFLite interpreter; 0: one per core
         MAX_BATCH_FILES=batch.DEFAULT_MAX_BATCH_FILES,  # files per request, on the page and the API
-        UNCERTAIN_BELOW=batch.DEFAULT_UNCERTAIN_BELOW,  # top probability under this is flagged uncertain
+        # A top (calibrated) probability under this is answered "uncertain"; None: the model's fitted threshold.
+        UNCERTAIN_BELOW=batch.DEFAULT_UNCERTAIN_BELOW,
     )
     app.config.from_prefixed_env()  # e.g. FLASK_MODEL_PATH, FLASK_MAX_CONTENT_LENGTH
     if test_config:

@@ -122,9 +122,10 @@ class HttpClient:
 
 
 def start_server(port: int, env: dict | None = None) -> subprocess.Popen:
-    """`python app.py --port PORT` in the repository root, as a user would start it."""
+    """`python app.py --host 127.0.0.1 --port PORT` in the repository root: the production command of
+    docs/serving.md (waitress, 4 threads)."""
     return subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port)],
+        [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         stdout=subprocess.DEVNULL,

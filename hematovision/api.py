@@ -12,8 +12,10 @@ from functools import wraps
 from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from hematovision.abstention import LOW_CONFIDENCE, UNLIKE_TRAINING
 from hematovision.batch import ItemResult, classify_files
 from hematovision.fast_runtime import sha256_of
+from hematovision.web import uncertain_below
 
 API_PREFIX = "/api"
 VERSION_KEY = "hematovision.model_version"
@@ -55,7 +57,7 @@ def predict():
         classifier,
         [(upload.filename or "", upload.read()) for upload in uploads],
         max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
-        uncertain_below=float(current_app.config["UNCERTAIN_BELOW"]),
+        uncertain_below=uncertain_below(),
     )
     if len(results) == 1 and not results[0].ok:
         # One file: answer with its own status (400/413/415), as the page does.
@@ -97,6 +99,7 @@ def describe_result(result: ItemResult) -> dict:
         "label": result.label,
         "probabilities": result.probabilities,
         "uncertain": result.uncertain,
+        "reason": result.reason,
     }
 
 
@@ -148,9 +151,13 @@ def build_openapi(labels: list[str], max_files: int) -> dict:
             "version": "1",
             "summary": "Classify images of stained white blood cells into " + ", ".join(labels) + ".",
             "description": (
-                "A research tool, not a medical device. `uncertain` is true when the top probability is below "
-                "the server's UNCERTAIN_BELOW setting: a plain confidence threshold, not an out-of-distribution "
-                "detector; images that are not white cells still get one of the labels."
+                "A research tool, not a medical device. Probabilities are calibrated (temperature scaling fitted "
+                "on validation data). `uncertain` is true when the answer is \"uncertain / not a white blood "
+                "cell\" rather than `label`, and `reason` says why: `unlike_training_cells` when the image's "
+                "features are far from every kind of training cell (it may not be a white-cell image, or comes "
+                "from another microscope or stain), `low_confidence` when the top probability is below the "
+                "model's fitted threshold (or the server's UNCERTAIN_BELOW setting). `label` is then only the "
+                "model's forced choice among its classes. Neither test is perfect: see the model card."
             ),
             "license": {"name": "MIT", "identifier": "MIT"},
         },
@@ -245,7 +252,7 @@ def build_openapi(labels: list[str], max_files: int) -> dict:
                 },
                 "Prediction": {
                     "type": "object",
-                    "required": ["filename", "label", "probabilities", "uncertain"],
+                    "required": ["filename", "label", "probabilities", "uncertain", "reason"],
                     "properties": {
                         "filename": {"type": "string"},
                         "label": {"type": "string", "enum": list(labels)},
@@ -255,6 +262,11 @@ def build_openapi(labels: list[str], max_files: int) -> dict:
                             "additionalProperties": False,
                         },
                         "uncertain": {"type": "boolean"},
+                        "reason": {
+                            "type": ["string", "null"],
+                            "enum": [UNLIKE_TRAINING, LOW_CONFIDENCE, None],
+                            "description": "Why the answer is uncertain; null when it is not",
+                        },
                     },
                 },
                 "ItemError": {

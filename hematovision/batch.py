@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from hematovision.abstention import REASON_SHORT, REASONS
 from hematovision.imaging import DEFAULT_MAX_PIXELS, ImageRejected, decode_image, to_model_input
 
-DEFAULT_UNCERTAIN_BELOW = 0.6
+DEFAULT_UNCERTAIN_BELOW = None  # None: the model's fitted low-confidence threshold (0.6 for a model without one)
 DEFAULT_MAX_BATCH_FILES = 32
 
 # Usual adult share of each type among white cells, in percent. Laboratories differ slightly; these are
@@ -39,10 +40,19 @@ class ItemResult:
     uncertain: bool = False
     error: ImageRejected | None = None
     thumbnail: Image.Image | None = None
+    reason: str | None = None  # why it is uncertain: hematovision.abstention.LOW_CONFIDENCE or UNLIKE_TRAINING
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def reason_short(self) -> str:
+        return REASON_SHORT.get(self.reason, "uncertain") if self.uncertain else ""
+
+    @property
+    def reason_text(self) -> str:
+        return REASONS.get(self.reason, "") if self.uncertain else ""
 
     @property
     def probability(self) -> float:
@@ -77,9 +87,9 @@ class Differential:
     rejected: list[ItemResult]
 
 
-def is_uncertain(top_probability: float, threshold: float = DEFAULT_UNCERTAIN_BELOW) -> bool:
-    """A plain confidence threshold on the top class. It is NOT an out-of-distribution detector: a softmax
-    model can be very sure about an image that is not a white cell at all."""
+def is_uncertain(top_probability: float, threshold: float = 0.6) -> bool:
+    """The plain confidence test alone. A softmax model can be very sure about an image that is not a white cell
+    at all: classify_files also applies the model's distance test (hematovision.abstention)."""
     return top_probability < threshold
 
 
@@ -88,11 +98,13 @@ def classify_files(
     files: Sequence[tuple[str, bytes]],
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    uncertain_below: float = DEFAULT_UNCERTAIN_BELOW,
+    uncertain_below: float | None = DEFAULT_UNCERTAIN_BELOW,
     thumbnail_side: int | None = None,
 ) -> list[ItemResult]:
     """(filename, bytes) pairs -> one ItemResult each, in the same order. A file that is not a usable image
-    gets its ImageRejected in `error` instead of failing the others. The model runs once for the batch."""
+    gets its ImageRejected in `error` instead of failing the others. The model runs once for the batch.
+    An image is uncertain by the classifier's abstention rule; `uncertain_below` replaces its low-confidence
+    threshold (None keeps the fitted one)."""
     results: list[ItemResult] = []
     inputs: list[np.ndarray] = []
     for filename, data in files:
@@ -110,12 +122,13 @@ def classify_files(
 
     if inputs:
         labels = classifier.labels
-        probabilities = classifier.predict(np.stack(inputs))
+        assessment = classifier.assess(np.stack(inputs), min_probability=uncertain_below)
         good = (result for result in results if result.ok)
-        for result, row in zip(good, probabilities, strict=True):
+        for result, row, reason in zip(good, assessment.probabilities, assessment.reasons, strict=True):
             result.probabilities = {label: float(p) for label, p in zip(labels, row, strict=True)}
             result.label = labels[int(np.argmax(row))]
-            result.uncertain = is_uncertain(float(np.max(row)), uncertain_below)
+            result.uncertain = reason is not None
+            result.reason = reason
     return results
 
 
@@ -135,11 +148,11 @@ def count_differential(results: Iterable[ItemResult], labels: Sequence[str]) -> 
 
 
 def write_csv(results: Iterable[ItemResult], labels: Sequence[str]) -> str:
-    """One row per file: filename, predicted class, its probability, the uncertain flag, every class's
-    probability, and the refusal message for a file that was not classified."""
+    """One row per file: filename, predicted class, its probability, the uncertain flag and its reason, every
+    class's probability, and the refusal message for a file that was not classified."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(["filename", "label", "probability", "uncertain", *labels, "error"])
+    writer.writerow(["filename", "label", "probability", "uncertain", "reason", *labels, "error"])
     for r in results:
         if r.ok:
             writer.writerow(
@@ -148,12 +161,13 @@ def write_csv(results: Iterable[ItemResult], labels: Sequence[str]) -> str:
                     r.label,
                     f"{r.probability:.4f}",
                     "yes" if r.uncertain else "no",
+                    r.reason_short,
                     *(f"{r.probabilities[label]:.4f}" for label in labels),
                     "",
                 ]
             )
         else:
-            writer.writerow([_defuse(r.filename), "", "", "", *("" for _ in labels), r.error.message])
+            writer.writerow([_defuse(r.filename), "", "", "", "", *("" for _ in labels), r.error.message])
     return buffer.getvalue()
 
 

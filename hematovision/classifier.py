@@ -1,18 +1,25 @@
-"""Load the shipped model and its metadata once, and classify model-input arrays fast."""
+"""Load the shipped model and its metadata once, and classify model-input arrays fast.
+
+The model's answer is calibrated (temperature scaling) and may be "uncertain" (hematovision.abstention): both
+are fitted by training/fit_abstention.py and travel with the model, in its metadata JSON and `<model>_ood.npz`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from hematovision.abstention import AbstentionRule, FeatureDensity, apply_temperature
 from hematovision.imaging import IMAGE_SIZE
 
 RUNTIMES = ("tflite", "tf.function")  # tflite: hematovision.fast_runtime; tf.function: the Keras graph itself
 DEFAULT_RUNTIME = "tflite"
+DEFAULT_MIN_PROBABILITY = 0.6  # the "uncertain" threshold of a model without a fitted abstention rule
 
 
 class ModelLoadError(RuntimeError):
@@ -23,29 +30,88 @@ def metadata_path_for(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
+def abstention_path_for(model_path: str | Path) -> Path:
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + "_ood.npz")
+
+
+@dataclass
+class Assessment:
+    """The model's answer for a batch: calibrated probabilities, and per image why it is "uncertain" (None: it
+    is not; else hematovision.abstention.LOW_CONFIDENCE or UNLIKE_TRAINING)."""
+
+    probabilities: np.ndarray  # (N, classes), calibrated
+    features: np.ndarray | None  # (N, D) pooled penultimate features, mean over the test-time views
+    distances: np.ndarray | None  # (N,) Mahalanobis distance to the nearest training class, when fitted
+    reasons: list[str | None]
+
+    @property
+    def uncertain(self) -> np.ndarray:
+        return np.array([reason is not None for reason in self.reasons], dtype=bool)
+
+
 @dataclass
 class Classifier:
-    """A Keras model plus the metadata that travels with it (labels, image size, figures)."""
+    """A Keras model plus the metadata that travels with it (labels, image size, figures), its calibration
+    temperature and its abstention rule."""
 
-    model: object
     metadata: dict
     path: Path
-    _call: object = field(default=None, repr=False)
+    _call: object = field(default=None, repr=False)  # float32 batch -> (probabilities, features or None)
     runtime: str = "tf.function"  # the runtime actually in use (tflite falls back to tf.function, logged)
+    temperature: float = 1.0
+    rule: AbstentionRule = field(default_factory=lambda: AbstentionRule(min_probability=DEFAULT_MIN_PROBABILITY))
+
+    _model: object = field(default=None, repr=False)
+    _model_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def model(self):
+        """The Keras model itself (Grad-CAM, tests). With a fresh TFLite file it is loaded on first use only:
+        serving then never imports TensorFlow, which alone takes ~4 s of a 2-core machine's start-up."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    self._model = load_keras_model(self.path)
+        return self._model
 
     @property
     def labels(self) -> list[str]:
         return list(self.metadata["labels"])
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 224, 224, 3) uint8 -> (N, classes) float probabilities."""
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 224, 224, 3) uint8 -> the model's own (uncalibrated) probabilities and its pooled features,
+        each the mean over the metadata's `test_time_views`."""
         batch = np.asarray(batch)
         if batch.ndim == 3:
             batch = batch[None]
         if batch.shape[1:] != (*IMAGE_SIZE, 3):
             raise ValueError(f"expected (N, {IMAGE_SIZE[0]}, {IMAGE_SIZE[1]}, 3), got {batch.shape}")
         views = symmetric_views(batch.astype(np.float32), int(self.metadata.get("test_time_views", 1)))
-        return np.mean([np.asarray(self._call(view), dtype=np.float64) for view in views], axis=0)
+        outputs = [self._call(view) for view in views]
+        probabilities = np.mean([np.asarray(p, dtype=np.float64) for p, _ in outputs], axis=0)
+        if any(f is None for _, f in outputs):
+            return probabilities, None
+        return probabilities, np.mean([np.asarray(f, dtype=np.float64) for _, f in outputs], axis=0)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 224, 224, 3) uint8 -> (N, classes) calibrated probabilities."""
+        return apply_temperature(self.run(batch)[0], self.temperature)
+
+    def assess(self, batch: np.ndarray, min_probability: float | None = None) -> Assessment:
+        """Calibrated probabilities and the abstention decision, from one model run. `min_probability`
+        overrides the fitted low-confidence threshold (e.g. the app's UNCERTAIN_BELOW setting)."""
+        raw, features = self.run(batch)
+        probabilities = apply_temperature(raw, self.temperature)
+        distances = self.rule.distances(features)
+        reasons = self.rule.decide(probabilities, distances, min_probability)
+        return Assessment(probabilities=probabilities, features=features, distances=distances, reasons=reasons)
+
+    def min_probability(self, override: float | None = None) -> float:
+        """The low-confidence threshold in use: `override` when given, else the fitted one (or the default)."""
+        if override is not None:
+            return float(override)
+        return float(self.rule.min_probability if self.rule.min_probability is not None else 0.0)
 
 
 def symmetric_views(batch: np.ndarray, count: int) -> list[np.ndarray]:
@@ -82,20 +148,111 @@ def load_classifier(
         labels = metadata["labels"]
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"Model metadata {meta_path} is unreadable or has no 'labels': {exc}") from exc
-    import keras  # heavy: imported only when a model is actually loaded
-
-    try:
-        model = keras.models.load_model(model_path, compile=False)
-    except Exception as exc:  # Keras raises many types for a bad file; all mean the same to a user
-        raise ModelLoadError(f"Could not load the model {model_path}: {exc}") from exc
-    outputs = model.outputs[0].shape[-1]
-    if outputs != len(labels):
-        raise ModelLoadError(f"The model has {outputs} outputs but its metadata lists {len(labels)} labels.")
+    temperature, rule = read_calibration(metadata, model_path)
+    if runtime == "tflite":
+        classifier = _from_fresh_tflite(model_path, metadata, pool_size, num_threads, temperature, rule)
+        if classifier is not None:
+            return classifier
+    model = load_keras_model(model_path)
+    check_outputs(model.outputs[0].shape[-1], labels)
     if runtime == "tflite":
         call = _fast_call(model, model_path, pool_size, num_threads)
         if call is not None:
-            return Classifier(model=model, metadata=metadata, path=model_path, _call=call, runtime="tflite")
-    return Classifier(model=model, metadata=metadata, path=model_path, _call=_compile_call(model))
+            return Classifier(metadata=metadata, path=model_path, _call=call, runtime="tflite",
+                              temperature=temperature, rule=rule, _model=model)
+    return Classifier(metadata=metadata, path=model_path, _call=_compile_call(model),
+                      temperature=temperature, rule=rule, _model=model)
+
+
+def load_keras_model(model_path: Path):
+    import keras  # heavy: imported only when the Keras model itself is needed
+
+    try:
+        return keras.models.load_model(model_path, compile=False)
+    except Exception as exc:  # Keras raises many types for a bad file; all mean the same to a user
+        raise ModelLoadError(f"Could not load the model {model_path}: {exc}") from exc
+
+
+def check_outputs(outputs: int, labels: list) -> None:
+    if outputs != len(labels):
+        raise ModelLoadError(f"The model has {outputs} outputs but its metadata lists {len(labels)} labels.")
+
+
+def _from_fresh_tflite(model_path: Path, metadata: dict, pool_size: int, num_threads: int | None,
+                       temperature: float, rule: AbstentionRule) -> Classifier | None:
+    """Serve from the exported .tflite when its stamp says it was derived from this very .h5 (sha256): no
+    TensorFlow needed. None (logged) when it is missing, stale or unusable: then the .h5 is loaded and converted."""
+    from hematovision import fast_runtime
+
+    content = fast_runtime.read_fresh_tflite(model_path)
+    if content is None:
+        return None
+    try:
+        pool = fast_runtime.InterpreterPool(content, size=pool_size, num_threads=num_threads)
+        probabilities, _ = pool(np.zeros((1, *IMAGE_SIZE, 3), np.float32))  # also warms the interpreter up
+    except Exception as exc:  # interpreter errors come in many types
+        logging.getLogger(__name__).warning("Exported TFLite model unusable, converting the .h5 again: %s", exc)
+        return None
+    check_outputs(probabilities.shape[-1], metadata["labels"])
+    return Classifier(metadata=metadata, path=model_path, _call=pool, runtime="tflite", temperature=temperature,
+                      rule=rule)
+
+
+def read_calibration(metadata: dict, model_path: Path) -> tuple[float, AbstentionRule]:
+    """The temperature and abstention rule stored with this model, when they were fitted on this very .h5
+    (their `model_sha256`); a model without them, or with stale ones (logged), gets T = 1 and the plain
+    DEFAULT_MIN_PROBABILITY threshold. Damaged parameters stop the load: there is no silent fallback for them."""
+    from hematovision.fast_runtime import sha256_of
+
+    calibration, abstention = metadata.get("calibration"), metadata.get("abstention")
+    temperature, rule = 1.0, AbstentionRule(min_probability=DEFAULT_MIN_PROBABILITY)
+    if not calibration and not abstention:
+        return temperature, rule
+    model_sha = sha256_of(model_path)
+    log = logging.getLogger(__name__)
+    if calibration:
+        if calibration.get("model_sha256") not in (None, model_sha):
+            log.warning("Ignoring the calibration in %s: it was fitted on another %s (run training/fit_abstention.py)",
+                        metadata_path_for(model_path).name, model_path.name)
+        else:
+            temperature = float(calibration["temperature"])
+    if abstention:
+        if abstention.get("model_sha256") not in (None, model_sha):
+            log.warning("Ignoring the abstention rule in %s: it was fitted on another %s (run "
+                        "training/fit_abstention.py)", metadata_path_for(model_path).name, model_path.name)
+            return temperature, rule
+        density = None
+        if abstention.get("file"):
+            density_path = model_path.parent / Path(abstention["file"]).name
+            try:
+                density = FeatureDensity.load(density_path)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelLoadError(f"The abstention parameters {density_path} are missing or unreadable: {exc}. "
+                                     "Run training/fit_abstention.py again, or remove 'abstention' from the "
+                                     "metadata.") from exc
+        rule = AbstentionRule(
+            min_probability=abstention.get("min_probability"),
+            max_distance=abstention.get("max_distance") if density is not None else None,
+            density=density,
+        )
+    return temperature, rule
+
+
+def feature_output(model):
+    """The pooled penultimate features: the output of the layer named "pool" (hematovision.network), else the
+    input of the last (classifying) layer."""
+    names = [layer.name for layer in model.layers]
+    if "pool" in names:
+        return model.get_layer("pool").output
+    return model.layers[-1].input
+
+
+def with_features(model):
+    """The same graph with a second output, the pooled features: (probabilities, features)."""
+    import keras
+
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # a list of one makes Keras warn per call
+    return keras.Model(inputs, [model.outputs[0], feature_output(model)], name=f"{model.name}_with_features")
 
 
 def _fast_call(model, model_path: Path, pool_size: int, num_threads: int | None):
@@ -121,12 +278,17 @@ def _compile_call(model):
     on a 2-core CPU; a tf.function of the same graph runs in a fraction of that."""
     import keras
 
+    both = with_features(model)
     if keras.backend.backend() != "tensorflow":
-        return lambda x: keras.ops.convert_to_numpy(model(x, training=False))
+        return lambda x: tuple(keras.ops.convert_to_numpy(out) for out in both(x, training=False))
     import tensorflow as tf
 
     @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)], reduce_retracing=True)
     def serve(x):
-        return model(x, training=False)
+        return both(x, training=False)
 
-    return lambda x: serve(x).numpy()
+    def call(x):
+        probabilities, features = serve(x)
+        return probabilities.numpy(), features.numpy()
+
+    return call

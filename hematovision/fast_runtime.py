@@ -5,6 +5,10 @@ The .h5 stays the source of truth. `export_tflite` converts it and writes `<mode
 `load_or_convert` uses the .tflite only when both hashes still match; otherwise it converts again from the .h5
 (about 10 s for MobileNetV2 on 2 cores) and tries to rewrite the pair, so a stale file is never used.
 
+The .tflite has two outputs, the probabilities and the pooled penultimate features (for the abstention rule,
+hematovision.abstention); the features are an intermediate tensor of the same graph, so they cost nothing. A
+.tflite exported before it had them (its stamp lists no `outputs`) counts as stale.
+
     python -m hematovision.fast_runtime [model/blood_cell_model.h5]     # the export step
 
 An interpreter is not thread-safe: `InterpreterPool` keeps a few and lends each to one caller at a time.
@@ -34,6 +38,9 @@ log = logging.getLogger(__name__)
 # resize_tensor_input + allocate_tensors (XNNPACK re-prepares the graph) cost as much as a batch.
 
 
+OUTPUTS = ["probabilities", "features"]  # the exported graph's outputs, in this order (recorded in the stamp)
+
+
 class FastRuntimeError(RuntimeError):
     """The fast runtime could not be built or loaded."""
 
@@ -57,7 +64,8 @@ def sha256_of(data_or_path: bytes | str | Path) -> str:
 
 
 def convert_keras_model(model) -> bytes:
-    """Keras model -> float32 TFLite flatbuffer (no quantisation: probabilities must match the .h5)."""
+    """Keras model -> float32 TFLite flatbuffer (no quantisation: probabilities must match the .h5). Pass
+    `serving_model(model)` to get the probabilities and the features."""
     import tensorflow as tf
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
@@ -79,6 +87,9 @@ def read_fresh_tflite(model_path: str | Path, source_sha: str | None = None) -> 
     if stamp.get("source_sha256") != source_sha or stamp.get("tflite_sha256") != sha256_of(content):
         log.warning("%s is stale (made from another %s); deriving it again", tflite_file, Path(model_path).name)
         return None
+    if stamp.get("outputs") != OUTPUTS:
+        log.warning("%s is stale (made without the outputs %s); deriving it again", tflite_file, OUTPUTS)
+        return None
     return content
 
 
@@ -91,6 +102,7 @@ def write_tflite(model_path: str | Path, content: bytes, source_sha: str) -> Pat
         "source": Path(model_path).name,
         "source_sha256": source_sha,
         "tflite_sha256": sha256_of(content),
+        "outputs": OUTPUTS,
         "tensorflow": tf.__version__,
         "converter": "tf.lite.TFLiteConverter.from_keras_model, float32, no optimizations",
     }
@@ -108,6 +120,13 @@ def write_tflite(model_path: str | Path, content: bytes, source_sha: str) -> Pat
     return tflite_file
 
 
+def serving_model(model):
+    """The graph that is exported: the model with its pooled features as a second output (see OUTPUTS)."""
+    from hematovision.classifier import with_features
+
+    return with_features(model)
+
+
 def load_or_convert(model_path: str | Path, model, *, write: bool = True) -> bytes:
     """The .tflite bytes for this .h5: the exported file when fresh, else a new conversion (written back
     next to the .h5 when `write` and the folder allows it)."""
@@ -115,7 +134,7 @@ def load_or_convert(model_path: str | Path, model, *, write: bool = True) -> byt
     content = read_fresh_tflite(model_path, source_sha)
     if content is not None:
         return content
-    content = convert_keras_model(model)
+    content = convert_keras_model(serving_model(model))
     if write:
         try:
             write_tflite(model_path, content, source_sha)
@@ -138,24 +157,39 @@ def make_interpreter(content: bytes, num_threads: int | None = None):
         return Interpreter(model_content=content, num_threads=num_threads)
 
 
+def output_order(details: list[dict]) -> list[int]:
+    """Tensor indices of the outputs in the Keras model's order. The converter names them `<graph>:<position>`
+    (e.g. StatefulPartitionedCall_1:1 for the second output) but does not list them in that order."""
+    if len(details) == 1:
+        return [details[0]["index"]]
+    try:
+        ranked = sorted(details, key=lambda d: int(d["name"].rsplit(":", 1)[1]))
+    except (IndexError, ValueError) as exc:
+        raise FastRuntimeError(f"Cannot tell the outputs apart by name: {[d['name'] for d in details]}") from exc
+    return [d["index"] for d in ranked]
+
+
 class _Runner:
     """One interpreter, allocated once for one image; a batch is run image by image (see the note above)."""
 
     def __init__(self, content: bytes, num_threads: int | None):
         self.interpreter = make_interpreter(content, num_threads)
         self.input_index = self.interpreter.get_input_details()[0]["index"]
-        self.output_index = self.interpreter.get_output_details()[0]["index"]
+        self.output_indices = output_order(self.interpreter.get_output_details())
         input_shape = list(self.interpreter.get_input_details()[0]["shape"][1:])
         self.interpreter.resize_tensor_input(self.input_index, [1, *input_shape])  # the export's batch is dynamic
         self.interpreter.allocate_tensors()
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        outputs = []
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, features); features is None for a .tflite with one output."""
+        outputs: list[list[np.ndarray]] = [[] for _ in self.output_indices]
         for image in np.asarray(batch, dtype=np.float32):
             self.interpreter.set_tensor(self.input_index, np.ascontiguousarray(image[None]))
             self.interpreter.invoke()
-            outputs.append(self.interpreter.get_tensor(self.output_index)[0].copy())
-        return np.stack(outputs)
+            for collected, index in zip(outputs, self.output_indices, strict=True):
+                collected.append(self.interpreter.get_tensor(index)[0].copy())
+        stacked = [np.stack(collected) for collected in outputs]
+        return stacked[0], (stacked[1] if len(stacked) > 1 else None)
 
 
 class InterpreterPool:
@@ -186,7 +220,8 @@ class InterpreterPool:
                 return self._new_runner()
         return self._free.get()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, features) of a batch."""
         runner = self._take()
         try:
             return runner.run(batch)
@@ -206,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
 
     model = keras.models.load_model(args.model, compile=False)
-    content = convert_keras_model(model)
+    content = convert_keras_model(serving_model(model))
     path = write_tflite(args.model, content, sha256_of(args.model))
     print(f"wrote {path} ({len(content) / 1e6:.1f} MB) and {stamp_path_for(args.model)}")
     return 0

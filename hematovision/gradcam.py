@@ -96,11 +96,16 @@ def upsample_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def find_peak(heatmap: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
-    """(x, y) of the hottest point once the heatmap is stretched over an image of `size` = (width, height);
-    the model input is the whole image stretched to 224x224, so the mapping is linear on each axis."""
-    full = upsample_heatmap(heatmap, size)
-    y, x = np.unravel_index(int(np.argmax(full)), full.shape)
-    return int(x), int(y)
+    """(x, y) of the hottest point once the heatmap is stretched over an image of `size` = (width, height):
+    the centre of the hottest heatmap cell (the model input is the whole image stretched to 224x224, so the
+    mapping is linear on each axis). Inside the map that is where the bilinear upsampling peaks too; for a cell
+    on the map's edge the upsampled map is flat from the cell's centre out to the border, and its first maximal
+    pixel would be the image's border or corner, half a cell from where the value was computed."""
+    rows, cols = np.shape(heatmap)
+    i, j = np.unravel_index(int(np.argmax(heatmap)), (rows, cols))
+    x = min(int((j + 0.5) * size[0] / cols), size[0] - 1)
+    y = min(int((i + 0.5) * size[1] / rows), size[1] - 1)
+    return x, y
 
 
 def colorize(heatmap: np.ndarray) -> np.ndarray:

@@ -40,7 +40,9 @@ def model_card():
         labels=classifier.labels,
         figures=[(name, describe_figure(name)) for name in list_model_figures(classifier.path)],
         model_file=classifier.path.name,
-        uncertain_below=float(current_app.config["UNCERTAIN_BELOW"]),
+        uncertain_below=classifier.min_probability(web.uncertain_below()),
+        temperature=classifier.temperature,
+        distance_rule=classifier.rule.density is not None and classifier.rule.max_distance is not None,
     )
 
 
@@ -76,12 +78,12 @@ def render_batch(uploads: list[FileStorage]):
     if len(uploads) > max_files:
         return web.render_home(f"Too many files: {len(uploads)}. You can send up to {max_files} at once.", 413)
     classifier = web.get_classifier()
-    threshold = float(current_app.config["UNCERTAIN_BELOW"])
+    threshold = classifier.min_probability(web.uncertain_below())
     results = classify_files(
         classifier,
         [(upload.filename or "(no name)", upload.read()) for upload in uploads],
         max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
-        uncertain_below=threshold,
+        uncertain_below=web.uncertain_below(),
         thumbnail_side=BATCH_THUMBNAIL_SIDE,
     )
     rows = [(r, *web.encode_thumbnail(r.thumbnail, BATCH_THUMBNAIL_SIDE)) for r in results if r.ok]
@@ -93,6 +95,7 @@ def render_batch(uploads: list[FileStorage]):
             rows=rows,
             differential=count_differential(results, classifier.labels),
             threshold=threshold,
+            distance_rule=classifier.rule.density is not None and classifier.rule.max_distance is not None,
             csv_uri="data:text/csv;charset=utf-8;base64," + base64.b64encode(csv_text.encode("utf-8")).decode(),
             shorten=web.shorten,
         )

@@ -15,6 +15,7 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.wrappers import Response
 
+from hematovision.abstention import REASON_SHORT, REASONS
 from hematovision.classifier import Classifier
 from hematovision.imaging import ImageRejected, decode_image, to_model_input
 
@@ -94,17 +95,23 @@ def render_prediction(image: Image.Image, filename: str, explain: bool = False):
     prediction itself (~40 ms against ~10 ms), so it is computed only when the person asks for it."""
     classifier = get_classifier()
     model_input = to_model_input(image)
-    scores = rank_classes(classifier.labels, classifier.predict(model_input[None])[0])
+    assessment = classifier.assess(model_input[None], min_probability=uncertain_below())
+    scores = rank_classes(classifier.labels, assessment.probabilities[0])
+    reason = assessment.reasons[0]
     image_uri, (width, height) = encode_thumbnail(image)
     best = scores[0]
     heatmap_uri = None
     if explain:
         heatmap_uri = explain_prediction(image, model_input, classifier.labels.index(best.label), (width, height))
-    current_app.logger.info("Predicted %s (%s) for a %dx%d image", best.label, best.percent, *image.size)
+    current_app.logger.info("Predicted %s (%s, %s) for a %dx%d image", best.label, best.percent,
+                            reason or "answered", *image.size)
     response = make_response(
         render_template(
             "predict.html",
             predicted=best,
+            uncertain=reason is not None,
+            reason_short=REASON_SHORT.get(reason, ""),
+            reason_text=REASONS.get(reason, ""),
             scores=scores,
             image_uri=image_uri,
             image_width=width,
@@ -119,6 +126,12 @@ def render_prediction(image: Image.Image, filename: str, explain: bool = False):
 
 def get_classifier() -> Classifier:
     return current_app.extensions[EXTENSION_KEY]
+
+
+def uncertain_below() -> float | None:
+    """The UNCERTAIN_BELOW setting: None (the model's fitted low-confidence threshold) or a number replacing it."""
+    value = current_app.config.get("UNCERTAIN_BELOW")
+    return None if value is None or value == "" else float(value)
 
 
 def explain_prediction(image: Image.Image, model_input: np.ndarray, class_index: int, size) -> str | None:

@@ -422,7 +422,7 @@ def test_unexpected_error_gives_a_generic_500_page_and_is_logged(tiny_model_path
     def broken_predict(batch):
         raise RuntimeError("secret internal detail")
 
-    app.extensions["hematovision"].predict = broken_predict
+    app.extensions["hematovision"].run = broken_predict  # the model call behind predict() and assess()
     response = upload(app.test_client(), make_image())
     assert response.status_code == 500
     text = page_text(response)

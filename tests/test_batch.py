@@ -71,8 +71,8 @@ def test_differential_counts_only_confident_images_and_flags_ranges():
 def test_csv_has_a_row_per_file_and_defuses_formulas():
     results = [result("MONOCYTE", 0.7, name="=HYPERLINK(1).png"), ItemResult("b.txt", error=ImageRejected(415, "no"))]
     rows = list(csv.reader(io.StringIO(write_csv(results, LABELS))))
-    assert rows[0] == ["filename", "label", "probability", "uncertain", *LABELS, "error"]
-    assert rows[1][:4] == ["'=HYPERLINK(1).png", "MONOCYTE", "0.7000", "no"]
+    assert rows[0] == ["filename", "label", "probability", "uncertain", "reason", *LABELS, "error"]
+    assert rows[1][:5] == ["'=HYPERLINK(1).png", "MONOCYTE", "0.7000", "no", ""]
     assert rows[2][0] == "b.txt" and rows[2][-1] == "no"
 
 

@@ -160,3 +160,50 @@ def test_test_time_views_average_the_flipped_and_turned_images(tiny_model_path):
     classifier.metadata["test_time_views"] = 1
     np.testing.assert_allclose(classifier.predict(x), single[0], atol=1e-6)
     assert not np.allclose(single[0], np.mean(single[:4], axis=0))  # the views really differ for this model
+
+
+def test_tflite_features_output_matches_keras(fast_classifier):
+    """The .tflite's second output is the pooled penultimate features, as the Keras graph computes them."""
+    from hematovision.classifier import with_features
+
+    batch = random_batch(3, seed=21)
+    fast_probabilities, fast_features = fast_classifier.run(batch)
+    keras_probabilities_, keras_features = with_features(fast_classifier.model)(batch.astype(np.float32),
+                                                                                 training=False)
+    assert fast_features.shape == (3, 8)  # the tiny model's 8 pooled channels
+    np.testing.assert_allclose(fast_features, np.asarray(keras_features), atol=TOLERANCE, rtol=1e-5)
+    np.testing.assert_allclose(fast_probabilities, np.asarray(keras_probabilities_), atol=TOLERANCE, rtol=0)
+
+
+def test_tflite_without_the_features_output_counts_as_stale(model_copy, caplog):
+    load_classifier(model_copy)  # writes the two-output .tflite
+    stamp_file = fast_runtime.stamp_path_for(model_copy)
+    stamp = json.loads(stamp_file.read_text())
+    assert stamp["outputs"] == ["probabilities", "features"]
+    del stamp["outputs"]  # as written before the features output existed
+    stamp_file.write_text(json.dumps(stamp))
+    assert fast_runtime.read_fresh_tflite(model_copy) is None
+    assert "made without the outputs" in caplog.text
+
+
+def test_fresh_tflite_serves_without_loading_keras_until_asked(model_copy):
+    """With an exported .tflite made from this very .h5, start-up skips Keras (and TensorFlow); the Keras model
+    is loaded on first use (Grad-CAM) and is the same network."""
+    fast_runtime.main([str(model_copy)])
+    classifier = load_classifier(model_copy)
+    assert classifier.runtime == "tflite" and classifier._model is None
+    batch = random_batch(2, seed=3)
+    probabilities = classifier.run(batch)[0]
+    assert classifier._model is None  # serving did not need it
+    np.testing.assert_allclose(probabilities, keras_probabilities(classifier.model, batch), atol=TOLERANCE, rtol=0)
+    assert classifier._model is not None
+
+
+def test_fresh_tflite_with_the_wrong_number_of_labels_is_refused(model_copy):
+    fast_runtime.main([str(model_copy)])
+    meta_path = model_copy.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["labels"] = meta["labels"][:3]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="3 labels"):
+        load_classifier(model_copy)

@@ -76,6 +76,35 @@ def test_a_nested_base_model_is_explained_at_its_output():
     assert heatmap.shape == (7, 7) and 0.0 <= heatmap.min() <= heatmap.max() <= 1.0
 
 
+def test_heatmap_is_the_class_activation_map_of_the_logit():
+    """For pooling + softmax Dense, Grad-CAM of the logit is exactly CAM: ReLU(sum_k w_kc A_k), scaled to peak 1.
+    This checks the gradient (of the pre-softmax score), the channel weights (spatial mean) and the ReLU."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((224, 224, 3))
+    features = layers.Conv2D(6, 9, strides=32, padding="same", activation="relu", name="features")(inputs)
+    dense = layers.Dense(4, activation="softmax")
+    model = keras.Model(inputs, dense(layers.GlobalAveragePooling2D()(features)))
+    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3)).astype(np.uint8)
+    maps = keras.Model(inputs, features).predict_on_batch(image[None].astype(np.float32))[0]
+    kernel = keras.ops.convert_to_numpy(dense.kernel)
+    explainer = gradcam.GradCam(model)
+    for class_index in range(4):
+        cam = np.maximum(maps @ kernel[:, class_index], 0)
+        expected = cam / cam.max() if cam.max() > 0 else cam
+        np.testing.assert_allclose(explainer.compute_heatmap(image, class_index), expected, atol=1e-5)
+
+
+def test_peak_is_the_centre_of_the_hottest_cell_also_on_the_edge():
+    heatmap = np.zeros((7, 7))
+    heatmap[3, 4] = 1.0
+    assert gradcam.find_peak(heatmap, (320, 240)) == (205, 120)
+    heatmap[0, 0] = 2.0  # a corner cell: its centre, not the image's corner pixel
+    assert gradcam.find_peak(heatmap, (320, 240)) == (22, 17)
+
+
 def test_a_model_without_spatial_layers_is_refused():
     import keras
 
@@ -147,3 +176,56 @@ def test_measure_script_reports_a_hit_rate(tiny_model_path, tmp_path, capsys):
     assert 0 < result["chance_rate"] < 0.2
     assert json.loads(out.read_text())["hits"] == result["hits"]
     assert "Grad-CAM peak on the stained cell" in capsys.readouterr().out
+
+
+def make_kaggle_layout(root: Path, shift: int = 0) -> Path:
+    """A miniature blood-cells/ folder: one 640x480 original with its WBC box, its TEST_SIMPLE copy (halved;
+    `shift` moves the copy so that it no longer matches), the source map and a box CSV."""
+    original = smear(size=(640, 480), cell=(400, 240, 80), dot=(80, 80, 8))
+    (root / "dataset-master" / "JPEGImages").mkdir(parents=True)
+    original.save(root / "dataset-master" / "JPEGImages" / "BloodImage_00007.jpg", quality=95)
+    folder = root / "dataset2-master" / "images" / "TEST_SIMPLE" / "NEUTROPHIL"
+    folder.mkdir(parents=True)
+    half = original.resize((320, 240), Image.Resampling.BOX)
+    if shift:
+        half = half.rotate(0, translate=(shift, shift), fillcolor=(0, 0, 0))
+    half.save(folder / "_0_1.jpeg", quality=95)
+    (root / "test_simple_to_original.csv").write_text(
+        "test_simple_file,original_image_id\nimages/TEST_SIMPLE/NEUTROPHIL/_0_1.jpeg,7\n", encoding="utf-8")
+    boxes = root / "boxes.csv"
+    boxes.write_text("original_id,xmin,ymin,xmax,ymax\n7,321,161,480,320\n", encoding="utf-8")
+    return boxes
+
+
+def test_measure_script_scores_the_annotated_box(tiny_model_path, tmp_path, capsys):
+    boxes = make_kaggle_layout(tmp_path / "blood-cells")
+    data = tmp_path / "blood-cells" / "dataset2-master" / "images" / "TEST_SIMPLE"
+    result = measure_gradcam.main(["--data-dir", str(data), "--model", str(tiny_model_path),
+                                   "--wbc-boxes", str(boxes), "--overlays", str(tmp_path / "overlays")])
+    box = result["annotated_box"]  # the source map is found above --data-dir
+    assert box["n"] == 1 and box["misfit_left_out"] == [] and 0 <= box["hits"] <= 1
+    assert 0.08 < box["chance_rate"] < 0.09  # 160x160 of 640x480, halved on both axes: 80x80 of 320x240
+    row = result["images"][0]
+    assert row["source_id"] == 7 and row["misfit"] < 0.2
+    x, y = row["peak"]
+    assert row["hit_box"] == (160 <= x + 0.5 <= 240 and 80 <= y + 0.5 <= 160)
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 1
+    assert "annotated WBC box" in capsys.readouterr().out
+
+
+def test_an_image_that_is_not_its_halved_original_is_left_out(tiny_model_path, tmp_path):
+    boxes = make_kaggle_layout(tmp_path / "blood-cells", shift=40)
+    data = tmp_path / "blood-cells" / "dataset2-master" / "images" / "TEST_SIMPLE"
+    result = measure_gradcam.measure(data, tiny_model_path, margin=4, min_blue_excess=20, max_brightness=200,
+                                     wbc_boxes=boxes)
+    assert "annotated_box" not in result and result["images"][0]["misfit"] > 0.5
+
+
+def test_wbc_boxes_are_read_from_voc_annotations(tmp_path):
+    xml = ("<annotation><object><name>RBC</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax>"
+           "</bndbox></object><object><name>WBC</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>30</xmax>"
+           "<ymax>40</ymax></bndbox></object></annotation>")
+    (tmp_path / "BloodImage_00042.xml").write_text(xml, encoding="utf-8")
+    assert measure_gradcam.read_wbc_boxes(tmp_path) == {42: [(10.0, 20.0, 30.0, 40.0)]}
+    shipped = measure_gradcam.read_wbc_boxes(measure_gradcam.DEFAULT_BOXES)
+    assert len(shipped) == 71 and all(len(b) == 1 for b in shipped.values())

@@ -10,7 +10,7 @@ from PIL import Image
 from hematovision.classifier import load_classifier
 from hematovision.datasets import list_images, load_arrays
 from hematovision.imaging import prepare_bytes
-from training import train
+from training import split_pbc, train
 
 LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
@@ -49,9 +49,13 @@ def test_read_sources_uses_the_csv_and_flags_unknown_files(tmp_path, capsys):
 @pytest.mark.slow
 def test_training_smoke_run_writes_a_loadable_model_with_metadata(tmp_path):
     data = write_class_folders(tmp_path / "data", per_class=4)
+    pbc = write_class_folders(tmp_path / "pbc", per_class=3, size=(72, 72))
+    split_pbc.main(["--data-dir", str(pbc), "--out", str(tmp_path / "pbc_split.csv")])  # 2 train, 1 val per class
     out = tmp_path / "out" / "model.h5"
     metadata = train.main(["--data-dir", str(data), "--out", str(out), "--weights", "none", "--head-epochs", "1",
-                           "--epochs", "1", "--batch-size", "8", "--sources", str(tmp_path / "none.csv")])
+                           "--epochs", "1", "--batch-size", "8", "--sources", str(tmp_path / "none.csv"),
+                           "--pbc-dir", str(pbc), "--pbc-split", str(tmp_path / "pbc_split.csv"),
+                           "--loop", "fit"])
     assert out.is_file() and out.with_suffix(".json").is_file()
     assert (tmp_path / "out" / "model_curves.png").stat().st_size > 1000
     on_disk = json.loads(out.with_suffix(".json").read_text())
@@ -60,7 +64,10 @@ def test_training_smoke_run_writes_a_loadable_model_with_metadata(tmp_path):
     assert on_disk["training"]["epochs_run"] == {"head": 1, "fine_tune": 1, "best_epoch": 2,
                                                  "stopped_by_time_budget": False}
     assert {"keras", "numpy", "backend"} <= set(on_disk["versions"])
-    assert on_disk["training"]["train_images"] + on_disk["training"]["validation_images"] == 16
+    assert on_disk["training"]["train_images"] + on_disk["training"]["validation_images"] == 16 + 12
+    assert on_disk["training"]["pbc"]["train"] == 8 and on_disk["training"]["pbc"]["validation"] == 4
+    assert set(on_disk["validation"]["by_domain"]) == {"kaggle", "pbc"}
+    assert len(on_disk["training"]["history"]["val_accuracy_pbc"]) == 2  # one per epoch, both phases
 
     classifier = load_classifier(out)
     probs = classifier.predict(load_arrays(list_images(data).paths[:3]))
@@ -75,18 +82,18 @@ def test_training_and_serving_see_identical_arrays(app, client, tmp_path):
     Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(path, quality=85)
     classifier = app.extensions["hematovision"]
     seen = []
-    real_predict = classifier.predict
+    real_run = classifier.run  # the model call behind predict() and assess()
 
     def spy(batch):  # records the served input, then runs the real model
         seen.append(np.array(batch, copy=True))
-        return real_predict(batch)
+        return real_run(batch)
 
-    classifier.predict = spy
+    classifier.run = spy
     try:
         response = client.post("/predict", data={"file": (io.BytesIO(path.read_bytes()), "cell.jpeg")},
                                content_type="multipart/form-data")
     finally:
-        classifier.predict = real_predict
+        classifier.run = real_run
     assert response.status_code == 200
     training_array = load_arrays([path])[0]
     assert len(seen) == 1

@@ -27,6 +27,16 @@ shifts, JPEG re-encoding), runs the same matcher and prints how many map back to
 Reproduce (from the repository root, ~5 minutes on 2 cores):
     python training/group_sources.py --kaggle-dir ../shared/data/blood-cells \
         --out training/splits/kaggle_train_sources.csv
+
+TEST (--split TEST, ~10 minutes) is grouped the same way, for per-source-photo figures in evaluation. Every
+original is scored; eligible are those of the image's class that are not TRAIN sources (--train-sources, the CSV
+above: TRAIN and TEST share no photo). TEST_SIMPLE is not a complete list of TEST's sources: its EOSINOPHIL
+folder holds two exact duplicate pairs (originals 93 and 139), and about 48 TEST eosinophils each come from
+originals 62 and 95, which are in neither TRAIN nor TEST_SIMPLE (checked by eye). So TEST has 71 source photos, not
+69: 13 EOSINOPHIL (~48 images each), 6 LYMPHOCYTE (~103), 4 MONOCYTE (~155), 48 NEUTROPHIL (13). The script prints
+each class's sources against TEST_SIMPLE's and fails if one of TEST_SIMPLE's is never matched:
+    python training/group_sources.py --kaggle-dir ../shared/data/blood-cells --split TEST \
+        --out training/splits/kaggle_test_sources.csv
 """
 
 import argparse
@@ -57,7 +67,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kaggle-dir", default="../shared/data/blood-cells",
                         help="folder holding dataset-master/ and dataset2-master/")
-    parser.add_argument("--out", default="training/splits/kaggle_train_sources.csv")
+    parser.add_argument("--split", choices=("TRAIN", "TEST"), default="TRAIN",
+                        help="which dataset2-master/images folder to group (default TRAIN)")
+    parser.add_argument("--out", help="default training/splits/kaggle_<split>_sources.csv")
+    parser.add_argument("--train-sources", default="training/splits/kaggle_train_sources.csv",
+                        help="TEST only: the TRAIN grouping; its source photos are never TEST candidates")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--refine-below", type=float, default=0.92,
                         help="re-score images whose best correlation is below this with a moved anchor")
@@ -82,8 +96,18 @@ def read_test_ids(kaggle_dir):
         return {int(row["original_image_id"]) for row in csv.DictReader(fh)}
 
 
+def read_test_sources_by_class(kaggle_dir):
+    """Class (the TEST_SIMPLE folder) -> set of original ids, from test_simple_to_original.csv."""
+    out = {}
+    with open(os.path.join(kaggle_dir, "test_simple_to_original.csv"), newline="") as fh:
+        for row in csv.DictReader(fh):
+            cls = row["test_simple_file"].replace("\\", "/").split("/")[-2].upper()
+            out.setdefault(cls, set()).add(int(row["original_image_id"]))
+    return out
+
+
 def list_originals(kaggle_dir, exclude):
-    """(id, path) of every original photo on disk that is not a TEST source."""
+    """(id, path) of every original photo on disk whose id is not in `exclude`."""
     folder = os.path.join(kaggle_dir, "dataset-master", "JPEGImages")
     out = []
     for name in sorted(os.listdir(folder)):
@@ -94,9 +118,9 @@ def list_originals(kaggle_dir, exclude):
     return out
 
 
-def list_train_images(kaggle_dir):
-    """(relative path with forward slashes, class) of every TRAIN image, sorted for determinism."""
-    root = os.path.join(kaggle_dir, "dataset2-master", "images", "TRAIN")
+def list_images(kaggle_dir, split="TRAIN"):
+    """(relative path with forward slashes, class) of every image of TRAIN (or TEST), sorted for determinism."""
+    root = os.path.join(kaggle_dir, "dataset2-master", "images", split)
     out = []
     for cls in CLASSES:
         for name in sorted(os.listdir(os.path.join(root, cls))):
@@ -272,12 +296,16 @@ def report(rows, eligible_counts):
 
 def main(argv=None):
     args = parse_args(argv)
+    out = args.out or f"training/splits/kaggle_{args.split.lower()}_sources.csv"
     start = time.time()
     labels = read_labels(args.kaggle_dir)
-    originals = list_originals(args.kaggle_dir, read_test_ids(args.kaggle_dir))
+    test_ids = read_test_ids(args.kaggle_dir)
+    # TRAIN: the TEST sources are never candidates. TEST: every original is scored (so a best match elsewhere
+    # shows up in the check below), but TRAIN's sources are not eligible.
+    originals = list_originals(args.kaggle_dir, test_ids if args.split == "TRAIN" else set())
     original_ids = [oid for oid, _ in originals]
-    train_root, train = list_train_images(args.kaggle_dir)
-    print(f"{len(originals)} candidate originals, {len(train)} TRAIN images", flush=True)
+    train_root, train = list_images(args.kaggle_dir, args.split)
+    print(f"{len(originals)} candidate originals, {len(train)} {args.split} images", flush=True)
 
     with Pool(args.workers) as pool:
         spectra = compute_spectra(np.stack(pool.map(describe_path, [p for _, p in originals])))
@@ -297,16 +325,32 @@ def main(argv=None):
                   f"({n_low} needed refinement)", flush=True)
 
     eligible = build_eligibility(original_ids, labels)
+    if args.split == "TEST":
+        with open(args.train_sources, newline="") as fh:
+            train_sources = {int(row["source_id"]) for row in csv.DictReader(fh)}
+        eligible &= ~np.isin(original_ids, sorted(train_sources))[None]
     class_index = np.array([CLASSES.index(cls) for _, cls in train])
     best, distance, margin = pick_sources(scores, class_index, eligible)
     rows = [(rel, cls, original_ids[b], f"{d:.4f}", f"{m:.4f}")
             for (rel, cls), b, d, m in zip(train, best, distance, margin, strict=True)]
-    write_csv(args.out, rows)
+    write_csv(out, rows)
     off_class = sum(1 for k in range(len(train)) if scores[k].argmax() != best[k])
-    print(f"{off_class} images whose unrestricted best match has another class label")
+    print(f"{off_class} images whose unrestricted best match is not eligible "
+          f"({'another class label' if args.split == 'TRAIN' else 'another class or a TRAIN source'})")
     report(rows, {cls: int(eligible[i].sum()) for i, cls in enumerate(CLASSES)})
-    print(f"wrote {len(rows)} rows to {args.out} in {time.time() - start:.0f}s")
-    return 0
+    status = 0
+    if args.split == "TEST":
+        expected = read_test_sources_by_class(args.kaggle_dir)
+        for cls in CLASSES:
+            found = {int(r[2]) for r in rows if r[1] == cls}
+            missing, extra = sorted(expected.get(cls, set()) - found), sorted(found - expected.get(cls, set()))
+            print(f"{cls:11s} {len(found)} sources; TEST_SIMPLE has {len(expected.get(cls, ()))}"
+                  + (f"; never matched: {missing}" if missing else "")
+                  + (f"; not in TEST_SIMPLE: {extra}" if extra else ""))
+            status |= bool(missing)
+        print(f"{len({r[2] for r in rows})} distinct source photos in all")
+    print(f"wrote {len(rows)} rows to {out} in {time.time() - start:.0f}s")
+    return status
 
 
 if __name__ == "__main__":

@@ -1,20 +1,42 @@
-"""How often does the Grad-CAM heatmap point at the white cell? A rough, label-free check of what the model looks at.
+"""How often does the Grad-CAM heatmap point at the white cell? A check of what the model looks at.
 
-    python training/measure_gradcam.py --data-dir ../shared/data/blood-cells/dataset2-master/images/TEST_SIMPLE
+    python training/measure_gradcam.py --data-dir ../shared/data/blood-cells/dataset2-master/images/TEST_SIMPLE \
+        --json model/gradcam_kaggle_test_simple.json [--model path/to/new.h5] [--overlays /tmp/gradcam]
 
-For each image: the white cell is found by colour (the stained nucleus is purple: blue clearly above red and green,
-and not bright), as the largest such blob, holes filled and dilated by a few pixels to take in the rim of the
-cell; the heatmap of the predicted class is stretched over the image; the image is a *hit* when the heatmap's
-hottest pixel falls inside that blob. Prints the hit rate overall and per class; --json writes it.
-Images with no purple blob at all are listed and left out of the rate.
+For each image the app's prediction is made (test-time views, as the app does), the Grad-CAM heatmap of that
+class is stretched over the image, and its peak (the centre of the hottest heatmap cell, see
+hematovision.gradcam.find_peak) is compared with the white cell, defined two ways:
+
+1. By colour (any folder of images): the stained nucleus is purple (blue clearly above red and green, and not
+   bright); the cell is the largest such blob, holes filled and dilated by a few pixels. Images with no purple
+   blob are listed and left out. This is the nucleus, not the whole cell, and it is a guess.
+2. By annotation (TEST_SIMPLE): the white cell's bounding box drawn by the BCCD annotators.
+   test_simple_to_original.csv (found above --data-dir, or --kaggle-dir) maps each image to its original photo,
+   and --wbc-boxes gives that photo's WBC box(es) in the original's pixels: a CSV original_id,xmin,ymin,xmax,ymax
+   (default training/splits/bccd_wbc_boxes.csv) or a folder of VOC .xml annotations with WBC objects.
+   Each TEST_SIMPLE image is its 640x480 original halved on both axes (no crop, flip or shift; only brightness
+   and contrast differ), and the script checks that for every image: the original, resized to the image's size,
+   must match it (mean squared difference of the per-channel standardised images below --max-misfit), otherwise
+   the image is reported and left out. Boxes are then scaled by image size / original size.
+   The Kaggle copy of the BCCD annotations (dataset-master/Annotations) holds RBC boxes only, so the WBC boxes of
+   the 71 TEST source photos were taken from the BCCD repository's annotation export (Shenggan/BCCD_Dataset,
+   test.csv, MIT licence; its RBC boxes match the Kaggle copy's for ids 50 and above and are re-drawn versions
+   of the same cells below). Every box contains the photo's largest purple blob (checked on all 69 images).
+
+Prints for each definition the hit rate with a 95% Wilson interval, the rate a randomly placed point would
+reach, and per class; for the annotated boxes also how far the missed peaks are from the box (within one
+heatmap cell, i.e. 1/7 of the image, or further) and whether the hottest cell is on the heatmap's edge.
+--json writes all of it, per image too; --overlays DIR writes each image with its heatmap, box and peak as PNG.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +49,8 @@ if str(ROOT) not in sys.path:
 from hematovision.imaging import decode_image, to_model_input  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "model" / "blood_cell_model.h5"
+DEFAULT_BOXES = ROOT / "training" / "splits" / "bccd_wbc_boxes.csv"
+SOURCE_MAP = "test_simple_to_original.csv"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--margin", type=int, default=4, help="pixels the cell blob is dilated by (default 4)")
     p.add_argument("--min-blue-excess", type=int, default=20, help="blue must beat red and green by this (20)")
     p.add_argument("--max-brightness", type=int, default=200, help="mean of R, G, B must be under this (200)")
+    p.add_argument("--kaggle-dir", type=Path,
+                   help=f"folder with {SOURCE_MAP} and dataset-master/JPEGImages (default: found above --data-dir)")
+    p.add_argument("--wbc-boxes", type=Path, default=DEFAULT_BOXES,
+                   help="CSV original_id,xmin,ymin,xmax,ymax or a folder of VOC .xml files with WBC objects")
+    p.add_argument("--max-misfit", type=float, default=0.2,
+                   help="largest standardised mean squared difference between an image and its resized original "
+                        "(0.2; TEST_SIMPLE's are 0.015-0.07)")
     p.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    p.add_argument("--overlays", type=Path, help="write each image with heatmap, WBC box and peak to this folder")
     return p.parse_args(argv)
 
 
@@ -71,56 +103,217 @@ def list_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
 
 
-def measure(data_dir: Path, model_path: Path, *, margin: int, min_blue_excess: int, max_brightness: int) -> dict:
-    import keras
+def find_kaggle_dir(data_dir: Path) -> Path | None:
+    """The folder above `data_dir` that holds test_simple_to_original.csv (blood-cells/), or None."""
+    for folder in [data_dir, *data_dir.resolve().parents][:5]:
+        if (folder / SOURCE_MAP).is_file():
+            return folder
+    return None
 
-    from hematovision.classifier import metadata_path_for
-    from hematovision.gradcam import GradCam, find_peak
 
-    labels = json.loads(metadata_path_for(model_path).read_text(encoding="utf-8"))["labels"]
-    model = keras.models.load_model(model_path, compile=False)
-    explainer = GradCam(model)
-    files = list_files(data_dir)
-    if not files:
-        raise SystemExit(f"No images under {data_dir}")
+def read_source_map(kaggle_dir: Path) -> dict[Path, int]:
+    """Resolved path of each TEST_SIMPLE image -> the id of the original BCCD photo it was made from."""
+    with open(kaggle_dir / SOURCE_MAP, newline="", encoding="utf-8") as fh:
+        return {(kaggle_dir / "dataset2-master" / row["test_simple_file"]).resolve(): int(row["original_image_id"])
+                for row in csv.DictReader(fh)}
 
-    per_group: dict[str, list[int]] = {}
-    no_cell: list[str] = []
-    areas: list[float] = []  # the blob's share of the image: the hit rate of a peak placed at random
-    for path in files:
-        image = decode_image(path.read_bytes())
-        rgb = np.asarray(image)
-        mask = find_cell_mask(rgb, margin=margin, min_blue_excess=min_blue_excess, max_brightness=max_brightness)
-        relative = path.relative_to(data_dir).as_posix()
-        if mask is None:
-            no_cell.append(relative)
-            continue
-        areas.append(float(mask.mean()))
-        model_input = to_model_input(image)
-        class_index = int(np.argmax(model.predict_on_batch(model_input[None].astype(np.float32))[0]))
-        x, y = find_peak(explainer.compute_heatmap(model_input, class_index), image.size)
-        group = path.parent.name.upper() if path.parent != data_dir else "(top level)"
-        per_group.setdefault(group, []).append(int(mask[y, x]))
 
-    hits = sum(sum(v) for v in per_group.values())
-    n = sum(len(v) for v in per_group.values())
+def read_wbc_boxes(path: Path) -> dict[int, list[tuple[float, float, float, float]]]:
+    """Original id -> WBC boxes (x0, y0, x1, y1) in the original's pixel edges, from a CSV or VOC .xml files.
+    VOC coordinates are 1-based and inclusive, so a box spans xmin - 1 .. xmax."""
+    boxes: dict[int, list[tuple[float, float, float, float]]] = {}
+    if path.is_dir():
+        for xml_path in sorted(path.glob("*.xml")):
+            digits = "".join(ch for ch in xml_path.stem if ch.isdigit())
+            for obj in ET.parse(xml_path).getroot().iter("object"):
+                box = obj.find("bndbox")
+                if (obj.findtext("name") or "").strip().upper() == "WBC" and box is not None and digits:
+                    xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+                    boxes.setdefault(int(digits), []).append((xmin - 1, ymin - 1, xmax, ymax))
+        return boxes
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            xmin, ymin, xmax, ymax = (float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+            boxes.setdefault(int(row["original_id"]), []).append((xmin - 1, ymin - 1, xmax, ymax))
+    return boxes
+
+
+def misfit(rgb: np.ndarray, original_path: Path) -> tuple[float, tuple[float, float]]:
+    """How well the image is its original resized (standardised mean squared difference, 0 = same picture up to
+    brightness and contrast), and the scale (x, y) from the original's pixels to the image's."""
+    from PIL import Image
+
+    original = Image.open(original_path).convert("RGB")
+    height, width = rgb.shape[:2]
+    resized = np.asarray(original.resize((width, height), Image.Resampling.BOX), dtype=np.float64)
+
+    def standardise(a):
+        return (a - a.mean(axis=(0, 1))) / (a.std(axis=(0, 1)) + 1e-6)
+
+    score = float(np.mean((standardise(rgb.astype(np.float64)) - standardise(resized)) ** 2))
+    return score, (width / original.width, height / original.height)
+
+
+def distance_to_boxes(x: int, y: int, boxes) -> float:
+    """Pixels from the centre of pixel (x, y) to the nearest box (0 inside one)."""
+    px, py = x + 0.5, y + 0.5
+    return min(math.hypot(max(x0 - px, 0, px - x1), max(y0 - py, 0, py - y1)) for x0, y0, x1, y1 in boxes)
+
+
+def rate(rows: list[dict], key: str) -> dict:
+    """Hits, rate, Wilson interval and per-folder rates of the rows that have `key` (True/False)."""
+    scored = [r for r in rows if r.get(key) is not None]
+    hits = sum(bool(r[key]) for r in scored)
+    n = len(scored)
     low, high = wilson_interval(hits, n)
+    groups: dict[str, list[bool]] = {}
+    for r in scored:
+        groups.setdefault(r["folder"], []).append(bool(r[key]))
     return {
-        "data_dir": str(data_dir),
-        "model": str(model_path),
-        "target_layer": explainer.layer.name,
-        "labels": labels,
         "n": n,
         "hits": hits,
         "hit_rate": hits / n if n else 0.0,
         "hit_rate_ci95": [low, high],
-        "chance_rate": float(np.mean(areas)) if areas else 0.0,
         "per_folder": {
-            k: {"n": len(v), "hits": sum(v), "hit_rate": sum(v) / len(v)} for k, v in sorted(per_group.items())
+            k: {"n": len(v), "hits": sum(v), "hit_rate": sum(v) / len(v)} for k, v in sorted(groups.items())
         },
-        "no_cell_found": no_cell,
-        "settings": {"margin": margin, "min_blue_excess": min_blue_excess, "max_brightness": max_brightness},
     }
+
+
+def write_overlay(folder: Path, relative: str, image, heatmap, peak, boxes, hit) -> None:
+    from PIL import ImageDraw
+
+    from hematovision.gradcam import overlay_heatmap
+
+    overlay = overlay_heatmap(image, heatmap)
+    draw = ImageDraw.Draw(overlay)
+    for x0, y0, x1, y1 in boxes or []:
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(0, 200, 0), width=2)
+    x, y = peak
+    draw.ellipse((x - 5, y - 5, x + 5, y + 5), outline=(255, 255, 255), width=2)
+    tag = "hit" if hit else ("miss" if hit is not None else "nobox")
+    folder.mkdir(parents=True, exist_ok=True)
+    overlay.save(folder / f"{tag}_{relative.replace('/', '_').rsplit('.', 1)[0]}.png")
+
+
+def measure(
+    data_dir: Path,
+    model_path: Path,
+    *,
+    margin: int,
+    min_blue_excess: int,
+    max_brightness: int,
+    kaggle_dir: Path | None = None,
+    wbc_boxes: Path = DEFAULT_BOXES,
+    max_misfit: float = 0.2,
+    overlays: Path | None = None,
+) -> dict:
+    from hematovision.classifier import load_classifier
+    from hematovision.gradcam import GradCam, find_peak
+
+    classifier = load_classifier(model_path, runtime="tf.function")  # the app's prediction, without converting
+    labels = classifier.labels
+    explainer = GradCam(classifier.model)
+    files = list_files(data_dir)
+    if not files:
+        raise SystemExit(f"No images under {data_dir}")
+
+    kaggle_dir = kaggle_dir or find_kaggle_dir(data_dir)
+    sources = read_source_map(kaggle_dir) if kaggle_dir else {}
+    if sources and not wbc_boxes.exists():
+        raise SystemExit(f"WBC boxes not found: {wbc_boxes}")
+    boxes_by_source = read_wbc_boxes(wbc_boxes) if sources else {}
+
+    rows: list[dict] = []
+    no_cell: list[str] = []
+    misfits: list[str] = []
+    areas: list[float] = []  # the blob's share of the image: the hit rate of a peak placed at random
+    box_areas: list[float] = []
+    for path in files:
+        image = decode_image(path.read_bytes())
+        rgb = np.asarray(image)
+        relative = path.relative_to(data_dir).as_posix()
+        model_input = to_model_input(image)
+        probabilities = classifier.predict(model_input[None])[0]
+        class_index = int(np.argmax(probabilities))
+        heatmap = explainer.compute_heatmap(model_input, class_index)
+        x, y = find_peak(heatmap, image.size)
+        cell_row, cell_col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+        on_edge = cell_row in (0, heatmap.shape[0] - 1) or cell_col in (0, heatmap.shape[1] - 1)
+        row = {
+            "file": relative,
+            "folder": path.parent.name.upper() if path.parent != data_dir else "(top level)",
+            "predicted": labels[class_index],
+            "probability": round(float(probabilities[class_index]), 4),
+            "peak": [x, y],
+            "peak_on_heatmap_edge": bool(on_edge),
+            "hit_colour": None,
+            "hit_box": None,
+        }
+        mask = find_cell_mask(rgb, margin=margin, min_blue_excess=min_blue_excess, max_brightness=max_brightness)
+        if mask is None:
+            no_cell.append(relative)
+        else:
+            areas.append(float(mask.mean()))
+            row["hit_colour"] = bool(mask[y, x])
+
+        scaled = None
+        source = sources.get(path.resolve())
+        originals = (kaggle_dir / "dataset-master" / "JPEGImages") if kaggle_dir else None
+        original = originals / f"BloodImage_{source:05d}.jpg" if source is not None else None
+        if source is not None and source in boxes_by_source and original.is_file():
+            score, (sx, sy) = misfit(rgb, original)
+            row["source_id"], row["misfit"] = source, round(score, 4)
+            if score <= max_misfit:
+                scaled = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes_by_source[source]]
+                distance = distance_to_boxes(x, y, scaled)
+                cell = max(image.size[0] / heatmap.shape[1], image.size[1] / heatmap.shape[0])
+                row.update(hit_box=distance == 0, box_distance_px=round(distance, 1),
+                           box_distance_cells=round(distance / cell, 2), wbc_boxes=len(scaled))
+                inside = np.zeros(rgb.shape[:2], bool)
+                for x0, y0, x1, y1 in scaled:
+                    inside[int(y0):math.ceil(y1), int(x0):math.ceil(x1)] = True
+                box_areas.append(float(inside.mean()))
+            else:
+                misfits.append(relative)
+        if overlays:
+            write_overlay(overlays, relative, image, heatmap, (x, y), scaled, row["hit_box"])
+        rows.append(row)
+
+    colour = rate(rows, "hit_colour")
+    result = {
+        "data_dir": str(data_dir),
+        "model": str(model_path),
+        "target_layer": explainer.layer.name,
+        "labels": labels,
+        "prediction": f"the app's: mean over {int(classifier.metadata.get('test_time_views', 1))} test-time views",
+        "peak": "centre of the hottest heatmap cell",
+        # The colour definition, as before: the largest purple blob, dilated.
+        **colour,
+        "chance_rate": float(np.mean(areas)) if areas else 0.0,
+        "no_cell_found": no_cell,
+        "settings": {"margin": margin, "min_blue_excess": min_blue_excess, "max_brightness": max_brightness,
+                     "max_misfit": max_misfit, "wbc_boxes": str(wbc_boxes), "kaggle_dir": str(kaggle_dir)},
+    }
+    boxed = [r for r in rows if r["hit_box"] is not None]
+    if boxed:
+        missed = [r for r in boxed if not r["hit_box"]]
+        result["annotated_box"] = {
+            **rate(rows, "hit_box"),
+            "chance_rate": float(np.mean(box_areas)),
+            "misfit_left_out": misfits,
+            "without_box": sum(1 for r in rows if r["hit_box"] is None) - len(misfits),
+            "misses": {
+                "n": len(missed),
+                "within_one_heatmap_cell": sum(r["box_distance_cells"] <= 1 for r in missed),
+                "further": sum(r["box_distance_cells"] > 1 for r in missed),
+                "hottest_cell_on_heatmap_edge": sum(r["peak_on_heatmap_edge"] for r in missed),
+                "median_distance_px": float(np.median([r["box_distance_px"] for r in missed])) if missed else 0.0,
+            },
+            "hits_with_hottest_cell_on_heatmap_edge": sum(r["peak_on_heatmap_edge"] for r in boxed if r["hit_box"]),
+        }
+    result["images"] = rows
+    return result
 
 
 def main(argv=None) -> dict:
@@ -131,21 +324,39 @@ def main(argv=None) -> dict:
         margin=args.margin,
         min_blue_excess=args.min_blue_excess,
         max_brightness=args.max_brightness,
+        kaggle_dir=args.kaggle_dir,
+        wbc_boxes=args.wbc_boxes,
+        max_misfit=args.max_misfit,
+        overlays=args.overlays,
     )
-    low, high = result["hit_rate_ci95"]
-    print(
-        f"Grad-CAM peak on the stained cell: {result['hits']}/{result['n']} = {result['hit_rate']:.1%} "
-        f"(95% CI {low:.1%}-{high:.1%}); a random point would hit {result['chance_rate']:.1%}; "
-        f"layer {result['target_layer']}"
-    )
-    for group, row in result["per_folder"].items():
-        print(f"  {group:<12} {row['hits']:>4}/{row['n']:<4} {row['hit_rate']:.1%}")
+    print(f"layer {result['target_layer']}; prediction: {result['prediction']}")
+    print_rate("Grad-CAM peak on the stained cell (largest purple blob)", result)
     if result["no_cell_found"]:
         print(f"  no purple blob found in {len(result['no_cell_found'])} images (left out)")
+    box = result.get("annotated_box")
+    if box:
+        print_rate("Grad-CAM peak in the annotated WBC box (BCCD)", box)
+        misses = box["misses"]
+        print(f"  misses: {misses['within_one_heatmap_cell']} within one heatmap cell of the box, "
+              f"{misses['further']} further (median {misses['median_distance_px']:.0f} px); hottest cell on the "
+              f"heatmap's edge in {misses['hottest_cell_on_heatmap_edge']} misses and "
+              f"{box['hits_with_hottest_cell_on_heatmap_edge']} hits")
+        if box["misfit_left_out"]:
+            print(f"  left out, image does not match its original: {', '.join(box['misfit_left_out'])}")
+        if box["without_box"]:
+            print(f"  {box['without_box']} images have no annotated box (not in {SOURCE_MAP} or no WBC box)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def print_rate(title: str, figures: dict) -> None:
+    low, high = figures["hit_rate_ci95"]
+    print(f"{title}: {figures['hits']}/{figures['n']} = {figures['hit_rate']:.1%} (95% CI {low:.1%}-{high:.1%}); "
+          f"a random point would hit {figures['chance_rate']:.1%}")
+    for group, row in figures["per_folder"].items():
+        print(f"  {group:<12} {row['hits']:>4}/{row['n']:<4} {row['hit_rate']:.1%}")
 
 
 if __name__ == "__main__":

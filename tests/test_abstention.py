@@ -1,0 +1,281 @@
+"""Calibration and the "uncertain / not a white blood cell" answer: the maths on hand-made numbers, and the whole
+path (fit -> files next to the model -> Classifier -> API and page) with the tiny real Keras model."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import create_app
+from hematovision import abstention
+from hematovision.abstention import (
+    LOW_CONFIDENCE,
+    UNLIKE_TRAINING,
+    AbstentionRule,
+    FeatureDensity,
+    apply_temperature,
+    expected_calibration_error,
+    fit_feature_density,
+    fit_temperature,
+    threshold_for_rate,
+)
+from hematovision.classifier import abstention_path_for, load_classifier, metadata_path_for
+from hematovision.fast_runtime import sha256_of
+from training import fit_abstention
+
+LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# --- temperature -------------------------------------------------------------------------------------
+
+
+def test_temperature_divides_the_log_probabilities():
+    p = np.array([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]])
+    np.testing.assert_array_equal(apply_temperature(p, 1.0), p)
+    by_hand = np.array([[0.7**0.5, 0.2**0.5, 0.1**0.5], [0.25**0.5, 0.25**0.5, 0.5**0.5]])  # exp(log p / 2)
+    np.testing.assert_allclose(apply_temperature(p, 2.0), by_hand / by_hand.sum(axis=1, keepdims=True), rtol=1e-12)
+    assert (apply_temperature(p, 3.0).argmax(axis=1) == p.argmax(axis=1)).all()  # the answer never changes
+    np.testing.assert_allclose(apply_temperature(p, 1e6), 1 / 3, atol=1e-5)  # hot: uniform
+    with pytest.raises(ValueError):
+        apply_temperature(p, 0.0)
+
+
+def test_fitted_temperature_undoes_known_overconfidence():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (6000, 4))
+    true_probs = softmax(logits / 2.5)  # the truth is 2.5 times less sure than the model says
+    targets = np.array([rng.choice(4, p=row) for row in true_probs])
+    temperature = fit_temperature(softmax(logits), targets)
+    assert 2.2 < temperature < 2.8
+    assert expected_calibration_error(apply_temperature(softmax(logits), temperature), targets) < \
+        expected_calibration_error(softmax(logits), targets)
+
+
+def test_expected_calibration_error_by_hand():
+    # Two bins in use: confidence 0.9 (one right, one wrong: accuracy 0.5) and 0.6 (both right: accuracy 1).
+    # ECE = 2/4 * |0.5 - 0.9| + 2/4 * |1.0 - 0.6| = 0.2 + 0.2 = 0.4
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.6, 0.4]])
+    targets = np.array([0, 1, 1, 0])
+    assert expected_calibration_error(probs, targets) == pytest.approx(0.4)
+    # Perfect confidence that is always right: no error; a confidence of exactly 1 falls in the last bin.
+    assert expected_calibration_error(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1])) == 0.0
+    # Bins are (b/15, (b+1)/15]: 0.6 and 0.6 + 1e-9 fall in different bins (9/15 = 0.6 is an upper edge).
+    probs = np.array([[0.6, 0.4], [0.6 + 1e-9, 0.4 - 1e-9]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.5 * 0.4 + 0.5 * 0.6)
+
+
+# --- distance and decision ---------------------------------------------------------------------------
+
+
+def two_clusters(n: int = 400, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    means = np.array([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]])
+    targets = np.repeat([0, 1], n)
+    features = means[targets] + rng.normal(0, [1.0, 1.0, 0.1], (2 * n, 3))  # little spread along the 3rd axis
+    return features, targets
+
+
+def test_distance_is_the_mahalanobis_distance_to_the_nearest_class():
+    features, targets = two_clusters()
+    density = fit_feature_density(features, targets, components=3)
+    covariance = np.cov((features - np.array([[0, 0, 0], [5, 0, 0]])[targets]).T)
+    point = np.array([[4.0, 1.0, 0.05]])
+    delta = point[0] - features[targets == 1].mean(axis=0)
+    expected = np.sqrt(delta @ np.linalg.inv(covariance) @ delta)
+    assert density.distances(point)[0] == pytest.approx(expected, rel=0.01)
+    # The least-variance direction matters most: 0.5 off along it is as far as 5 along the others.
+    lowest = fit_feature_density(features, targets, components=1)
+    assert lowest.distances(np.array([[0.0, 0.0, 0.5]]))[0] > 4
+    assert lowest.distances(np.array([[0.0, 3.0, 0.0]]))[0] < 1
+
+
+def test_density_round_trips_through_its_file(tmp_path):
+    features, targets = two_clusters()
+    density = fit_feature_density(features, targets, components=2)
+    path = tmp_path / "ood.npz"
+    path.write_bytes(density.to_bytes())
+    loaded = FeatureDensity.load(path)
+    probe = np.random.default_rng(1).normal(0, 3, (20, 3))
+    np.testing.assert_array_equal(loaded.distances(probe), density.distances(probe))  # stored exactly as fitted
+
+
+def test_decision_rule_on_hand_made_features():
+    features, targets = two_clusters()
+    rule = AbstentionRule(min_probability=0.5, max_distance=4.0,
+                          density=fit_feature_density(features, targets, components=3))
+    probe = np.array([[0.1, 0.2, 0.0], [5.0, -0.5, 0.02], [0.0, 0.0, 2.0], [50.0, 50.0, 0.0], [0.0, 0.0, 0.0]])
+    probs = np.array([[0.9, 0.1], [0.45, 0.4], [0.9, 0.1], [0.4, 0.6], [0.55, 0.45]])  # row 1: top 0.45 < 0.5
+    distances = rule.distances(probe)
+    assert rule.decide(probs, distances) == [None, LOW_CONFIDENCE, UNLIKE_TRAINING, UNLIKE_TRAINING, None]
+    # Far away outranks low confidence; an override replaces the fitted probability threshold.
+    assert rule.decide(np.array([[0.3, 0.3]]), rule.distances(np.array([[0.0, 0.0, 3.0]]))) == [UNLIKE_TRAINING]
+    assert rule.decide(probs, distances, min_probability=0.0)[1] is None
+    # Without a fitted density only the probability counts (0.6 is not below 0.6).
+    assert AbstentionRule(min_probability=0.6).decide(probs, None) == [None, LOW_CONFIDENCE, None, None,
+                                                                       LOW_CONFIDENCE]
+
+
+def test_threshold_flags_at_most_the_rate():
+    scores = np.arange(1000, dtype=float)
+    high = threshold_for_rate(scores, 0.01)
+    assert (scores > high).sum() == 10
+    low = threshold_for_rate(scores, 0.005, upper=False)
+    assert (scores < low).sum() == 5
+    assert (np.array([1.0, 1.0, 1.0]) > threshold_for_rate(np.array([1.0, 1.0, 1.0]), 0.5)).sum() == 0
+
+
+# --- the whole path with the tiny real model ---------------------------------------------------------
+
+
+def cell_like(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stand-ins for cells: each class a colour family with texture (as tests/test_training.py's folders)."""
+    rng = np.random.default_rng(seed)
+    images, targets = [], []
+    for k in range(len(LABELS)):
+        base = np.array([40 + 50 * k, 200 - 40 * k, 120], np.float64)
+        for _ in range(n_per_class):
+            images.append(np.clip(base + rng.normal(0, 25, (224, 224, 3)), 0, 255).astype(np.uint8))
+            targets.append(k)
+    return np.stack(images), np.asarray(targets)
+
+
+def not_cells() -> np.ndarray:
+    rng = np.random.default_rng(9)
+    blank_white = np.full((224, 224, 3), 255, np.uint8)
+    blank_black = np.zeros((224, 224, 3), np.uint8)
+    noise = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    stripes = np.zeros((224, 224, 3), np.uint8)
+    stripes[:, ::8] = 255
+    return np.stack([blank_white, blank_black, noise, stripes])
+
+
+@pytest.fixture(scope="module")
+def fitted_model(tiny_model_path, tmp_path_factory):
+    """A copy of the tiny model with a temperature and an abstention rule fitted by training/fit_abstention.py's
+    own functions on made-up "cells" (train and validation sets from different seeds)."""
+    path = tmp_path_factory.mktemp("fitted") / "model.h5"
+    shutil.copy(tiny_model_path, path)
+    shutil.copy(tiny_model_path.with_suffix(".json"), path.with_suffix(".json"))
+    classifier = load_classifier(path)
+    x_train, y_train = cell_like(30, seed=1)
+    x_val, y_val = cell_like(15, seed=2)
+    _, train_features = classifier.run(x_train)
+    val_raw, val_features = classifier.run(x_val)
+    domains = np.array(["kaggle"] * len(y_val))
+    fitted = fit_abstention.fit(train_features, y_train, val_raw, y_val, val_features, domains, components=512,
+                                distance_rate=0.0, confidence_rate=0.0)
+    # The random tiny model gives every class about 1/4, so a probability threshold would be noise here: the
+    # low-confidence rule is tested with hand-made numbers above.
+    fitted["min_probability"] = 0.0
+    record = {"validation_data": "made-up validation cells", "training_data": "made-up training cells",
+              "rates": "none flagged", "command": "tests", "created": "now"}
+    fit_abstention.write(path, fitted, record)
+    return path
+
+
+def test_fit_writes_parameters_that_travel_with_the_model(fitted_model):
+    metadata = json.loads(metadata_path_for(fitted_model).read_text())
+    npz = abstention_path_for(fitted_model)
+    assert npz.is_file() and npz.stat().st_size < 3_000_000
+    assert metadata["abstention"]["file"] == npz.name
+    assert metadata["calibration"]["model_sha256"] == metadata["abstention"]["model_sha256"] == sha256_of(
+        fitted_model)
+    assert metadata["calibration"]["temperature"] > 0
+    assert metadata["abstention"]["validation"]["all"]["flag_rate"] == 0.0  # rates of 0: no validation cell flagged
+
+
+def test_classifier_applies_the_temperature_from_the_metadata(fitted_model):
+    classifier = load_classifier(fitted_model)
+    temperature = json.loads(metadata_path_for(fitted_model).read_text())["calibration"]["temperature"]
+    assert classifier.temperature == temperature != 1.0
+    x, _ = cell_like(2, seed=5)
+    raw = np.asarray(classifier.model(x.astype(np.float32), training=False), dtype=np.float64)
+    np.testing.assert_allclose(classifier.predict(x), softmax(np.log(raw) / temperature), atol=1e-5)
+
+
+def test_abstention_flags_blank_and_noise_but_not_cells(fitted_model):
+    classifier = load_classifier(fitted_model)
+    cells, _ = cell_like(10, seed=3)  # unseen cells of the same kind
+    assert classifier.assess(cells).uncertain.mean() <= 0.1
+    answer = classifier.assess(not_cells())
+    assert answer.reasons == [UNLIKE_TRAINING] * 4
+    assert (answer.distances > classifier.rule.max_distance).all()
+
+
+def test_stale_parameters_are_ignored_with_a_warning(fitted_model, tmp_path, caplog):
+    import keras
+
+    path = tmp_path / "model.h5"
+    for suffix in (".h5", ".json"):
+        shutil.copy(fitted_model.with_suffix(suffix), path.with_suffix(suffix))
+    shutil.copy(abstention_path_for(fitted_model), abstention_path_for(path))
+    model = keras.models.load_model(path, compile=False)
+    model.set_weights([w * np.float32(1.01) for w in model.get_weights()])  # "retrained"
+    model.save(path)
+    with caplog.at_level(logging.WARNING):
+        classifier = load_classifier(path)
+    assert "fitted on another" in caplog.text
+    assert classifier.temperature == 1.0 and classifier.rule.density is None
+    assert classifier.rule.min_probability == 0.6  # the plain default threshold
+
+
+def test_missing_parameter_file_stops_the_load(fitted_model, tmp_path):
+    from hematovision.classifier import ModelLoadError
+
+    path = tmp_path / "model.h5"
+    for suffix in (".h5", ".json"):
+        shutil.copy(fitted_model.with_suffix(suffix), path.with_suffix(suffix))
+    with pytest.raises(ModelLoadError, match="abstention parameters"):
+        load_classifier(path)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_api_and_pages_answer_uncertain_with_the_reason(fitted_model):
+    from tests.test_api import post_files
+    from tests.test_batch import post_files as post_page_files
+
+    app = create_app({"TESTING": True, "MODEL_PATH": str(fitted_model)})
+    client = app.test_client()
+    cell = cell_like(15, seed=2)[0][:1]  # a validation cell: within the fitted distance by construction
+    results = post_files(client, [("white.png", png(not_cells()[0])), ("cell.png", png(cell[0]))]).get_json()
+    white, good = results["results"]
+    assert (white["uncertain"], white["reason"]) == (True, UNLIKE_TRAINING)
+    assert (good["uncertain"], good["reason"]) == (False, None)
+
+    page = html.unescape(client.post("/predict", data={"file": (io.BytesIO(png(not_cells()[2])), "noise.png")},
+                                     content_type="multipart/form-data").get_data(as_text=True))
+    assert "Answer: Uncertain / not a white blood cell" in page and "not like any training cell" in page
+
+    batch = html.unescape(post_page_files(client, [("white.png", png(not_cells()[0])),
+                                                   ("cell.png", png(cell[0]))]).get_data(as_text=True))
+    assert "Uncertain (1)" in batch and "white.png: not like any training cell" in batch
+    assert "Over the 1 image classified" in batch
+
+
+def test_abstention_module_has_no_web_or_keras_imports():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(abstention.__file__).read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"flask", "werkzeug", "keras", "tensorflow"}
