@@ -10,7 +10,8 @@ other ablation runs shared the GPU, see training/ablation.py):
         --weights ../shared/weights/mobilenet_v2_1.0_224_coralquant_bnrecal_no_top_legacy.h5
 
 On a CPU-only machine the same command without KERAS_BACKEND (TensorFlow, Keras Model.fit, float32) runs the
-same recipe at about 16 minutes per epoch on 2 cores: about 3.5 hours for its 1 + 12 epochs. The two backends use
+same recipe at about 15 minutes per epoch on 2 cores: about 3 hours for its 1 + 12 epochs (5.2 s per
+fine-tuning step of 64 images measured with --limit 120; not timed end to end). The two backends use
 the same seeds, data, augmentation and schedule but not the same random streams or arithmetic, so a rerun gives a
 model of the same quality, not the same bytes. `--weights imagenet` (the default) lets Keras download the
 ImageNet weights on a connected machine. The metadata JSON beside the model records the command, history, timing.
