@@ -136,8 +136,9 @@ def uncertain_below() -> float | None:
 
 def explain_prediction(image: Image.Image, model_input: np.ndarray, class_index: int, size) -> str | None:
     """A Grad-CAM overlay at the thumbnail's `size` as a JPEG data: URI, or None if this model cannot be explained.
-    Only the single-image page pays for it (~35 ms on 2 busy CPU cores, ~1.2 s more on the first call, which
-    traces the graph); the batch page and the API do not."""
+    Only the single-image page pays for it (~35 ms on 2 busy CPU cores); the batch page and the API do not. The
+    first call after start-up also loads Keras and the .h5, which serving with TFLite skipped, and traces the
+    graph: ~5 s once."""
     from hematovision import gradcam  # imports TensorFlow's graph machinery: only when a page needs it
 
     try:
