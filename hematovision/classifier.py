@@ -148,9 +148,12 @@ def load_classifier(
         labels = metadata["labels"]
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"Model metadata {meta_path} is unreadable or has no 'labels': {exc}") from exc
-    temperature, rule = read_calibration(metadata, model_path)
+    from hematovision.fast_runtime import sha256_of
+
+    model_sha = sha256_of(model_path)  # once: the calibration and the .tflite stamp are both checked against it
+    temperature, rule = read_calibration(metadata, model_path, model_sha)
     if runtime == "tflite":
-        classifier = _from_fresh_tflite(model_path, metadata, pool_size, num_threads, temperature, rule)
+        classifier = _from_fresh_tflite(model_path, model_sha, metadata, pool_size, num_threads, temperature, rule)
         if classifier is not None:
             return classifier
     model = load_keras_model(model_path)
@@ -178,13 +181,13 @@ def check_outputs(outputs: int, labels: list) -> None:
         raise ModelLoadError(f"The model has {outputs} outputs but its metadata lists {len(labels)} labels.")
 
 
-def _from_fresh_tflite(model_path: Path, metadata: dict, pool_size: int, num_threads: int | None,
+def _from_fresh_tflite(model_path: Path, model_sha: str, metadata: dict, pool_size: int, num_threads: int | None,
                        temperature: float, rule: AbstentionRule) -> Classifier | None:
     """Serve from the exported .tflite when its stamp says it was derived from this very .h5 (sha256): no
     TensorFlow needed. None (logged) when it is missing, stale or unusable: then the .h5 is loaded and converted."""
     from hematovision import fast_runtime
 
-    content = fast_runtime.read_fresh_tflite(model_path)
+    content = fast_runtime.read_fresh_tflite(model_path, model_sha)
     if content is None:
         return None
     try:
@@ -198,17 +201,15 @@ def _from_fresh_tflite(model_path: Path, metadata: dict, pool_size: int, num_thr
                       rule=rule)
 
 
-def read_calibration(metadata: dict, model_path: Path) -> tuple[float, AbstentionRule]:
+def read_calibration(metadata: dict, model_path: Path, model_sha: str) -> tuple[float, AbstentionRule]:
     """The temperature and abstention rule stored with this model, when they were fitted on this very .h5
     (their `model_sha256`); a model without them, or with stale ones (logged), gets T = 1 and the plain
-    DEFAULT_MIN_PROBABILITY threshold. Damaged parameters stop the load: there is no silent fallback for them."""
-    from hematovision.fast_runtime import sha256_of
-
+    DEFAULT_MIN_PROBABILITY threshold. Damaged parameters stop the load: there is no silent fallback for them.
+    `model_sha`: the .h5's sha256."""
     calibration, abstention = metadata.get("calibration"), metadata.get("abstention")
     temperature, rule = 1.0, AbstentionRule(min_probability=DEFAULT_MIN_PROBABILITY)
     if not calibration and not abstention:
         return temperature, rule
-    model_sha = sha256_of(model_path)
     log = logging.getLogger(__name__)
     if calibration:
         if calibration.get("model_sha256") not in (None, model_sha):
