@@ -25,9 +25,7 @@ if str(ROOT) not in sys.path:
 
 from hematovision.classifier import symmetric_views  # noqa: E402
 from hematovision.datasets import list_images, load_arrays  # noqa: E402
-from training.split_pbc import read_split  # noqa: E402
 from training.train import DEFAULTS as TRAIN_DEFAULTS  # noqa: E402
-from training.train import read_sources, split_by_group  # noqa: E402
 
 SETS = ("kaggle_val", "pbc_val", "kaggle_test", "pbc_test")
 VIEWS = (1, 8)
@@ -47,25 +45,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_sets(args) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    wanted = args.sets
-    train = list_images(args.kaggle / "TRAIN")
-    labels = train.labels
-    groups = read_sources(TRAIN_DEFAULTS["sources"], [train.relative(p) for p in train.paths])
-    _, val_idx = split_by_group(train.targets, groups, TRAIN_DEFAULTS["val_fraction"], TRAIN_DEFAULTS["seed"])
-    test = list_images(args.kaggle / "TEST", labels)
-    index = {label: i for i, label in enumerate(labels)}
+    """Arrays of the wanted sets: the splits as train.py, fit_abstention.py and evaluate.py read them."""
+    from training.evaluate import split_rows
+    from training.fit_abstention import kaggle_split
+
+    _, kaggle_val = kaggle_split(args.kaggle / "TRAIN", None, TRAIN_DEFAULTS["sources"],
+                                 TRAIN_DEFAULTS["val_fraction"], TRAIN_DEFAULTS["seed"])
+    labels = kaggle_val.labels
     sets = {
-        "kaggle_val": ([train.paths[i] for i in val_idx], [train.targets[i] for i in val_idx]),
-        "kaggle_test": (test.paths, test.targets),
+        "kaggle_val": lambda: kaggle_val,
+        "pbc_val": lambda: split_rows(args.pbc_dir, args.pbc_split, "validation", labels),
+        "kaggle_test": lambda: list_images(args.kaggle / "TEST", labels),
+        "pbc_test": lambda: split_rows(args.pbc_dir, args.pbc_split, "test", labels),
     }
-    for name, split in (("pbc_val", "validation"), ("pbc_test", "test")):
-        rows = read_split(args.pbc_split, split)
-        sets[name] = ([args.pbc_dir / path for path, _ in rows], [index[label] for _, label in rows])
     arrays = {}
-    for name in wanted:
-        paths, targets = sets[name]
-        arrays[name] = (load_arrays(paths), np.asarray(targets))
-        print(f"{name}: {len(targets)} images", flush=True)
+    for name in args.sets:
+        image_set = sets[name]()
+        arrays[name] = (load_arrays(image_set.paths), np.asarray(image_set.targets))
+        print(f"{name}: {len(image_set.targets)} images", flush=True)
     return labels, arrays
 
 

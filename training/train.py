@@ -312,15 +312,14 @@ def library_versions() -> dict:
 def load_pbc(pbc_dir: Path, split_csv: Path, split: str, labels: list[str], limit: int, workers):
     """Arrays of one split of the PBC set, by the committed split CSV (labels mapped to this model's order)."""
     from hematovision.datasets import load_arrays
-    from training.split_pbc import read_split
+    from training.evaluate import split_rows
 
-    rows = read_split(split_csv, split)
-    index = {label: i for i, label in enumerate(labels)}
-    rows = [(path, label) for path, label in rows if label in index]
+    image_set = split_rows(pbc_dir, split_csv, split, labels)
+    paths, targets = image_set.paths, image_set.targets
     if limit:
-        rows = [row for k in labels for row in [r for r in rows if r[1] == k][:limit]]
-    x = load_arrays([pbc_dir / path for path, _ in rows], workers=workers)
-    return x, np.asarray([index[label] for _, label in rows], dtype=np.int32)
+        keep = [i for k in range(len(labels)) for i in [j for j, t in enumerate(targets) if t == k][:limit]]
+        paths, targets = [paths[i] for i in keep], [targets[i] for i in keep]
+    return load_arrays(paths, workers=workers), np.asarray(targets, dtype=np.int32)
 
 
 def domain_accuracy(probs: np.ndarray, y: np.ndarray, domains: np.ndarray) -> dict:
