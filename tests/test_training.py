@@ -100,3 +100,17 @@ def test_training_and_serving_see_identical_arrays(app, client, tmp_path):
     np.testing.assert_array_equal(np.asarray(seen[0]).reshape(training_array.shape), training_array)
     np.testing.assert_array_equal(prepare_bytes(path.read_bytes()), training_array)
     assert training_array.dtype == np.uint8 and training_array.shape == (224, 224, 3)
+
+
+def test_continuing_keeps_the_starting_weights_only_when_no_epoch_beat_them(tiny_model_path):
+    import keras
+
+    model = keras.models.load_model(tiny_model_path, compile=False)
+    start = [w.copy() for w in model.get_weights()]
+    model.set_weights([w + 1.0 for w in start])
+    assert not train.keep_start_if_not_beaten(model, tiny_model_path, start_loss=1.0, best_loss=0.5)
+    np.testing.assert_array_equal(model.get_weights()[0], start[0] + 1.0)  # an epoch was better: kept
+    assert not train.keep_start_if_not_beaten(model, tiny_model_path, start_loss=None, best_loss=9.0)
+    assert train.keep_start_if_not_beaten(model, tiny_model_path, start_loss=1.0, best_loss=1.0)
+    for got, want in zip(model.get_weights(), start, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -244,12 +244,18 @@ def fit_keras(args, model, augmenter, x_train, y_train, x_val, y_val, val_domain
             lr = keras.optimizers.schedules.CosineDecay(args.lr, decay_steps=args.epochs * len(train_data))
         fine_epochs_run = run_phase(args.epochs, lr, [stop, deadline])
         best_epoch = head_epochs_run + stop.best_epoch + 1
-        if start_loss is not None and stop.best >= start_loss:
-            # Continuing made validation worse: keep the model we started from.
-            print(f"no epoch beat the starting validation loss {start_loss:.4f}; keeping --init-model's weights")
-            model.load_weights(args.init_model)
+        if keep_start_if_not_beaten(model, args.init_model, start_loss, stop.best):
             best_epoch = 0
     return head_epochs_run, fine_epochs_run, best_epoch, deadline.hit
+
+
+def keep_start_if_not_beaten(model, init_model: Path | None, start_loss: float | None, best_loss: float) -> bool:
+    """Continuing from --init-model made validation worse: put its weights back. True when it did."""
+    if start_loss is None or best_loss < start_loss:
+        return False
+    print(f"no epoch beat the starting validation loss {start_loss:.4f}; keeping --init-model's weights")
+    model.load_weights(init_model)
+    return True
 
 
 def _domain_logger(model, x_val, y_val, val_domains):
@@ -428,9 +434,7 @@ def main(argv=None) -> dict:
             fine_epochs_run = len(fine["history"]["loss"])
             best_epoch = head_epochs_run + (fine["best_epoch"] or fine_epochs_run)
             hit_deadline = fine["stopped_by_time_budget"]
-            if start_loss is not None and fine["best"] >= start_loss:
-                print(f"no epoch beat the starting validation loss {start_loss:.4f}; keeping --init-model's weights")
-                model.load_weights(args.init_model)
+            if keep_start_if_not_beaten(model, args.init_model, start_loss, fine["best"]):
                 best_epoch = 0
     else:
         head_epochs_run, fine_epochs_run, best_epoch, hit_deadline = fit_keras(
