@@ -79,16 +79,16 @@ class Classifier:
     def labels(self) -> list[str]:
         return list(self.metadata["labels"])
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(self, batch: np.ndarray, views: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 224, 224, 3) uint8 -> the model's own (uncalibrated) probabilities and its pooled features,
-        each the mean over the metadata's `test_time_views`."""
+        each the mean over `views` test-time views (default: the metadata's `test_time_views`)."""
         batch = np.asarray(batch)
         if batch.ndim == 3:
             batch = batch[None]
         if batch.shape[1:] != (*IMAGE_SIZE, 3):
             raise ValueError(f"expected (N, {IMAGE_SIZE[0]}, {IMAGE_SIZE[1]}, 3), got {batch.shape}")
-        views = symmetric_views(batch.astype(np.float32), int(self.metadata.get("test_time_views", 1)))
-        outputs = [self._call(view) for view in views]
+        views = int(self.metadata.get("test_time_views", 1)) if views is None else views
+        outputs = [self._call(view) for view in symmetric_views(batch.astype(np.float32), views)]
         probabilities = np.mean([np.asarray(p, dtype=np.float64) for p, _ in outputs], axis=0)
         if any(f is None for _, f in outputs):
             return probabilities, None

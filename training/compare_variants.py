@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hematovision.classifier import symmetric_views  # noqa: E402
 from hematovision.datasets import list_images, load_arrays  # noqa: E402
 from training.train import DEFAULTS as TRAIN_DEFAULTS  # noqa: E402
 
@@ -66,15 +65,9 @@ def load_sets(args) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]
     return labels, arrays
 
 
-def predict_views(model, x: np.ndarray, views: int, batch: int = 64) -> np.ndarray:
-    import tensorflow as tf
-
-    serve = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
-    out = []
-    for start in range(0, len(x), batch):
-        chunk = x[start:start + batch].astype(np.float32)
-        out.append(np.mean([serve(view).numpy() for view in symmetric_views(chunk, views)], axis=0))
-    return np.concatenate(out)
+def predict_views(classifier, x: np.ndarray, views: int, batch: int = 64) -> np.ndarray:
+    """The network's own probabilities (no calibration), averaged over `views` test-time views."""
+    return np.concatenate([classifier.run(x[start:start + batch], views=views)[0] for start in range(0, len(x), batch)])
 
 
 def score(probs: np.ndarray, y: np.ndarray) -> dict:
@@ -95,18 +88,18 @@ def describe(path: Path) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import keras
+    from hematovision.classifier import load_classifier
 
     labels, arrays = load_sets(args)
     results = {}
     for path in args.variants:
         name = path.parent.name if path.parent != ROOT / "model" else f"shipped:{path.stem}"
-        model = keras.models.load_model(path, compile=False)
+        classifier = load_classifier(path, runtime="tf.function")  # the Keras graph itself: no .tflite written
         row = {"model": str(path), **describe(path), "scores": {}}
         for views in args.views:
             for set_name in args.sets:
                 x, y = arrays[set_name]
-                row["scores"][f"{set_name}@{views}"] = score(predict_views(model, x, views), y)
+                row["scores"][f"{set_name}@{views}"] = score(predict_views(classifier, x, views), y)
         results[name] = row
         s = row["scores"]
         print(name, " ".join(f"{k}={v['accuracy']:.4f}" for k, v in s.items()), flush=True)

@@ -126,16 +126,11 @@ def model_outputs(classifier, paths: list[Path], *, one_view_seed: int | None = 
     views = None if one_view_seed is None else np.random.default_rng(one_view_seed).integers(0, 8, len(paths))
     probabilities, features = [], []
     started = time.time()
-    saved_views = classifier.metadata.get("test_time_views", 1)
     for start in range(0, len(paths), batch_size):
         x = load_arrays(paths[start:start + batch_size])
-        if views is not None:
+        if views is not None:  # each image already turned into its one view
             x = np.stack([symmetric_views(image[None], 8)[k][0] for image, k in zip(x, views[start:], strict=False)])
-            classifier.metadata["test_time_views"] = 1
-        try:
-            p, f = classifier.run(x)
-        finally:
-            classifier.metadata["test_time_views"] = saved_views
+        p, f = classifier.run(x, views=None if views is None else 1)
         if f is None:
             raise SystemExit("This model gives no pooled features (no 'pool' layer and no final dense layer).")
         probabilities.append(p)
