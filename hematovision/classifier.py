@@ -41,6 +41,7 @@ class Assessment:
     is not; else hematovision.abstention.LOW_CONFIDENCE or UNLIKE_TRAINING)."""
 
     probabilities: np.ndarray  # (N, classes), calibrated
+    raw: np.ndarray  # (N, classes), the network's own, before the temperature
     features: np.ndarray | None  # (N, D) pooled penultimate features, mean over the test-time views
     distances: np.ndarray | None  # (N,) Mahalanobis distance to the nearest training class, when fitted
     reasons: list[str | None]
@@ -105,7 +106,8 @@ class Classifier:
         probabilities = apply_temperature(raw, self.temperature)
         distances = self.rule.distances(features)
         reasons = self.rule.decide(probabilities, distances, min_probability)
-        return Assessment(probabilities=probabilities, features=features, distances=distances, reasons=reasons)
+        return Assessment(probabilities=probabilities, raw=raw, features=features, distances=distances,
+                          reasons=reasons)
 
     def min_probability(self, override: float | None = None) -> float:
         """The low-confidence threshold in use: `override` when given, else the fitted one (or the default)."""

@@ -242,34 +242,19 @@ def plot_confusion(result: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def predict_files(classifier, paths: list[Path], batch_size: int) -> np.ndarray:
-    """Calibrated probabilities of the files, as the app computes them."""
-    return assess_files(classifier, paths, batch_size)["probabilities"]
-
-
 def assess_files(classifier, paths: list[Path], batch_size: int) -> dict:
-    """The model's answer for each file, as the app gives it: `raw` (uncalibrated) and `probabilities`
-    (calibrated) arrays, `reasons` (None, or why the answer is "uncertain") and `distances` (or None)."""
-    from hematovision.abstention import apply_temperature
+    """The model's answer for each file, as the app gives it (Classifier.assess): `raw` (uncalibrated) and
+    `probabilities` (calibrated) arrays, `reasons` (None, or why the answer is "uncertain") and `distances`."""
     from hematovision.datasets import load_arrays
 
-    raw, probs, reasons, distances = [], [], [], []
-    for start in range(0, len(paths), batch_size):
-        x = load_arrays(paths[start:start + batch_size])
-        # One model run gives both: Classifier.assess, with the uncalibrated probabilities kept for comparison.
-        p, features = classifier.run(x)
-        calibrated = apply_temperature(p, classifier.temperature)
-        batch_distances = classifier.rule.distances(features)
-        raw.append(p)
-        probs.append(calibrated)
-        reasons += classifier.rule.decide(calibrated, batch_distances)
-        if batch_distances is not None:
-            distances.append(batch_distances)
+    answers = [classifier.assess(load_arrays(paths[start:start + batch_size]))
+               for start in range(0, len(paths), batch_size)]
     k = len(classifier.labels)
+    distances = [a.distances for a in answers if a.distances is not None]
     return {
-        "raw": np.concatenate(raw) if raw else np.zeros((0, k)),
-        "probabilities": np.concatenate(probs) if probs else np.zeros((0, k)),
-        "reasons": reasons,
+        "raw": np.concatenate([a.raw for a in answers]) if answers else np.zeros((0, k)),
+        "probabilities": np.concatenate([a.probabilities for a in answers]) if answers else np.zeros((0, k)),
+        "reasons": [reason for a in answers for reason in a.reasons],
         "distances": np.concatenate(distances) if distances else None,
     }
 
