@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from hematovision.imaging import decode_image, to_model_input  # noqa: E402
+from training.evaluate import wilson_interval  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "model" / "blood_cell_model.h5"
 DEFAULT_BOXES = ROOT / "training" / "splits" / "bccd_wbc_boxes.csv"
@@ -87,15 +88,6 @@ def find_cell_mask(
     if margin > 0:
         blob = ndimage.binary_dilation(blob, iterations=margin)
     return blob
-
-
-def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def list_files(root: Path) -> list[Path]:
