@@ -89,6 +89,11 @@ def summarise(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict
     }
 
 
+def count_reasons(reasons: list) -> dict[str, int]:
+    """How many answers were "uncertain" for each reason (None = answered)."""
+    return {reason: sum(1 for r in reasons if r == reason) for reason in sorted({r for r in reasons if r is not None})}
+
+
 def summarise_abstention(y_true: np.ndarray, raw: np.ndarray, probs: np.ndarray, reasons: list,
                          labels: list[str]) -> dict:
     """Calibration (ECE before and after the temperature), how many images were answered "uncertain" and why,
@@ -118,8 +123,7 @@ def summarise_abstention(y_true: np.ndarray, raw: np.ndarray, probs: np.ndarray,
         "log_loss_uncalibrated": negative_log_likelihood(raw, y_true) if n else 0.0,
         "abstained": int(abstained.sum()),
         "abstention_rate": float(abstained.mean()) if n else 0.0,
-        "abstained_by_reason": {reason: sum(1 for r in reasons if r == reason)
-                                for reason in sorted({r for r in reasons if r is not None})},
+        "abstained_by_reason": count_reasons(reasons),
         "answered": n_answered,
         "accuracy_answered": float(accuracy_score(y_true[answered], y_pred[answered])) if n_answered else 0.0,
         "accuracy_answered_ci95": [low, high],

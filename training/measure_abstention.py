@@ -58,19 +58,15 @@ def rate(flags: np.ndarray) -> dict:
     return {"n": n, "flagged": hits, "rate": hits / n if n else 0.0, "ci95": [low, high]}
 
 
-def by_reason(reasons: list) -> dict[str, int]:
-    return {reason: sum(1 for r in reasons if r == reason) for reason in sorted({r for r in reasons if r})}
-
-
 def measure_noncell(classifier, folder: Path, batch_size: int) -> dict:
-    from training.evaluate import assess_files
+    from training.evaluate import assess_files, count_reasons
 
     with open(folder / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     answers = assess_files(classifier, [folder / row["path"] for row in rows], batch_size)
     flags = np.array([r is not None for r in answers["reasons"]])
     kinds = np.array([row["kind"] for row in rows])
-    result = {**rate(flags), "by_reason": by_reason(answers["reasons"]),
+    result = {**rate(flags), "by_reason": count_reasons(answers["reasons"]),
               "per_kind": {kind: rate(flags[kinds == kind]) for kind in dict.fromkeys(kinds)}}
     missed = [rows[i]["path"] for i in np.flatnonzero(~flags)]
     result["not_flagged"] = missed
