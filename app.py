@@ -16,7 +16,7 @@ from pathlib import Path
 from flask import Flask
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from hematovision import api, batch, csrf, pages, web
+from hematovision import api, batch, csrf, gradcam, pages, web
 from hematovision.classifier import ModelLoadError, load_classifier
 
 ROOT = Path(__file__).resolve().parent
@@ -41,6 +41,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         MAX_BATCH_FILES=batch.DEFAULT_MAX_BATCH_FILES,  # files per request, on the page and the API
         # A top (calibrated) probability under this is answered "uncertain"; None: the model's fitted threshold.
         UNCERTAIN_BELOW=batch.DEFAULT_UNCERTAIN_BELOW,
+        # Shifted copies per axis behind each Grad-CAM heatmap (hematovision/gradcam.py): 1 = the plain 7x7 map.
+        GRADCAM_SHIFTS=gradcam.DEFAULT_SHIFTS,
     )
     app.config.from_prefixed_env()  # e.g. FLASK_MODEL_PATH, FLASK_MAX_CONTENT_LENGTH
     if test_config:

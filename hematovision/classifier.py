@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hematovision.abstention import AbstentionRule, FeatureDensity, apply_temperature
+from hematovision.abstention import AbstentionRule, FeatureDensity, Temperature
 from hematovision.imaging import IMAGE_SIZE
 
 RUNTIMES = ("tflite", "tf.function")  # tflite: hematovision.fast_runtime; tf.function: the Keras graph itself
@@ -54,13 +54,13 @@ class Assessment:
 @dataclass
 class Classifier:
     """A Keras model plus the metadata that travels with it (labels, image size, figures), its calibration
-    temperature and its abstention rule."""
+    (a temperature, which may grow with the distance to the training cells) and its abstention rule."""
 
     metadata: dict
     path: Path
     _call: object = field(default=None, repr=False)  # float32 batch -> (probabilities, features or None)
     runtime: str = "tf.function"  # the runtime actually in use (tflite falls back to tf.function, logged)
-    temperature: float = 1.0
+    calibration: Temperature = field(default_factory=Temperature)
     rule: AbstentionRule = field(default_factory=lambda: AbstentionRule(min_probability=DEFAULT_MIN_PROBABILITY))
 
     _model: object = field(default=None, repr=False)
@@ -75,6 +75,11 @@ class Classifier:
                 if self._model is None:
                     self._model = load_keras_model(self.path)
         return self._model
+
+    @property
+    def temperature(self) -> float:
+        """The base temperature (the temperature of an image at the median validation distance)."""
+        return self.calibration.base
 
     @property
     def labels(self) -> list[str]:
@@ -97,14 +102,15 @@ class Classifier:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, 224, 224, 3) uint8 -> (N, classes) calibrated probabilities."""
-        return apply_temperature(self.run(batch)[0], self.temperature)
+        raw, features = self.run(batch)
+        return self.calibration.apply(raw, self.rule.distances(features))
 
     def assess(self, batch: np.ndarray, min_probability: float | None = None) -> Assessment:
         """Calibrated probabilities and the abstention decision, from one model run. `min_probability`
         overrides the fitted low-confidence threshold (e.g. the app's UNCERTAIN_BELOW setting)."""
         raw, features = self.run(batch)
-        probabilities = apply_temperature(raw, self.temperature)
         distances = self.rule.distances(features)
+        probabilities = self.calibration.apply(raw, distances)
         reasons = self.rule.decide(probabilities, distances, min_probability)
         return Assessment(probabilities=probabilities, raw=raw, features=features, distances=distances,
                           reasons=reasons)
@@ -153,9 +159,9 @@ def load_classifier(
     from hematovision.fast_runtime import sha256_of
 
     model_sha = sha256_of(model_path)  # once: the calibration and the .tflite stamp are both checked against it
-    temperature, rule = read_calibration(metadata, model_path, model_sha)
+    calibration, rule = read_calibration(metadata, model_path, model_sha)
     if runtime == "tflite":
-        classifier = _from_fresh_tflite(model_path, model_sha, metadata, pool_size, num_threads, temperature, rule)
+        classifier = _from_fresh_tflite(model_path, model_sha, metadata, pool_size, num_threads, calibration, rule)
         if classifier is not None:
             return classifier
     model = load_keras_model(model_path)
@@ -164,9 +170,9 @@ def load_classifier(
         call = _fast_call(model, model_path, pool_size, num_threads)
         if call is not None:
             return Classifier(metadata=metadata, path=model_path, _call=call, runtime="tflite",
-                              temperature=temperature, rule=rule, _model=model)
+                              calibration=calibration, rule=rule, _model=model)
     return Classifier(metadata=metadata, path=model_path, _call=_compile_call(model),
-                      temperature=temperature, rule=rule, _model=model)
+                      calibration=calibration, rule=rule, _model=model)
 
 
 def load_keras_model(model_path: Path):
@@ -184,7 +190,7 @@ def check_outputs(outputs: int, labels: list) -> None:
 
 
 def _from_fresh_tflite(model_path: Path, model_sha: str, metadata: dict, pool_size: int, num_threads: int | None,
-                       temperature: float, rule: AbstentionRule) -> Classifier | None:
+                       calibration: Temperature, rule: AbstentionRule) -> Classifier | None:
     """Serve from the exported .tflite when its stamp says it was derived from this very .h5 (sha256): no
     TensorFlow needed. None (logged) when it is missing, stale or unusable: then the .h5 is loaded and converted."""
     from hematovision import fast_runtime
@@ -199,17 +205,17 @@ def _from_fresh_tflite(model_path: Path, model_sha: str, metadata: dict, pool_si
         logging.getLogger(__name__).warning("Exported TFLite model unusable, converting the .h5 again: %s", exc)
         return None
     check_outputs(probabilities.shape[-1], metadata["labels"])
-    return Classifier(metadata=metadata, path=model_path, _call=pool, runtime="tflite", temperature=temperature,
+    return Classifier(metadata=metadata, path=model_path, _call=pool, runtime="tflite", calibration=calibration,
                       rule=rule)
 
 
-def read_calibration(metadata: dict, model_path: Path, model_sha: str) -> tuple[float, AbstentionRule]:
+def read_calibration(metadata: dict, model_path: Path, model_sha: str) -> tuple[Temperature, AbstentionRule]:
     """The temperature and abstention rule stored with this model, when they were fitted on this very .h5
     (their `model_sha256`); a model without them, or with stale ones (logged), gets T = 1 and the plain
     DEFAULT_MIN_PROBABILITY threshold. Damaged parameters stop the load: there is no silent fallback for them.
     `model_sha`: the .h5's sha256."""
     calibration, abstention = metadata.get("calibration"), metadata.get("abstention")
-    temperature, rule = 1.0, AbstentionRule(min_probability=DEFAULT_MIN_PROBABILITY)
+    temperature, rule = Temperature(), AbstentionRule(min_probability=DEFAULT_MIN_PROBABILITY)
     if not calibration and not abstention:
         return temperature, rule
     log = logging.getLogger(__name__)
@@ -218,7 +224,9 @@ def read_calibration(metadata: dict, model_path: Path, model_sha: str) -> tuple[
             log.warning("Ignoring the calibration in %s: it was fitted on another %s (run training/fit_abstention.py)",
                         metadata_path_for(model_path).name, model_path.name)
         else:
-            temperature = float(calibration["temperature"])
+            temperature = Temperature(base=float(calibration["temperature"]),
+                                      slope=float(calibration.get("distance_slope", 0.0)),
+                                      centre=float(calibration.get("distance_centre", 0.0)))
     if abstention:
         if abstention.get("model_sha256") not in (None, model_sha):
             log.warning("Ignoring the abstention rule in %s: it was fitted on another %s (run "

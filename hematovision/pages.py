@@ -42,6 +42,7 @@ def model_card():
         model_file=classifier.path.name,
         uncertain_below=classifier.min_probability(web.uncertain_below()),
         temperature=classifier.temperature,
+        temperature_slope=classifier.calibration.slope,
         distance_rule=classifier.rule.density is not None and classifier.rule.max_distance is not None,
     )
 

@@ -136,16 +136,16 @@ def uncertain_below() -> float | None:
 
 def explain_prediction(image: Image.Image, model_input: np.ndarray, class_index: int, size) -> str | None:
     """A Grad-CAM overlay at the thumbnail's `size` as a JPEG data: URI, or None if this model cannot be explained.
-    Only the single-image page pays for it (~35 ms on 2 busy CPU cores); the batch page and the API do not. The
-    first call after start-up also loads Keras and the .h5, which serving with TFLite skipped, and traces the
-    graph: ~5 s once."""
+    Only the single-image page pays for it, when its box is ticked (bench/results/bench_predict.json); the batch
+    page and the API do not. The first call after start-up also loads Keras and the .h5, which serving with TFLite
+    skipped, and traces the graph: ~5 s once."""
     from hematovision import gradcam  # imports TensorFlow's graph machinery: only when a page needs it
 
     try:
         explainer = current_app.extensions.get(GRADCAM_KEY)
         if explainer is None:
             explainer = current_app.extensions[GRADCAM_KEY] = gradcam.GradCam(get_classifier().model)
-        heatmap = explainer.compute_heatmap(model_input, class_index)
+        heatmap = explainer.compute_heatmap(model_input, class_index, shifts=int(current_app.config["GRADCAM_SHIFTS"]))
     except Exception:  # the heatmap is an extra: whatever breaks it (another backend, no spatial layer),
         current_app.logger.exception("No Grad-CAM heatmap")  # the prediction is still shown
         return None

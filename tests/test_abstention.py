@@ -20,10 +20,13 @@ from hematovision.abstention import (
     UNLIKE_TRAINING,
     AbstentionRule,
     FeatureDensity,
+    Temperature,
     apply_temperature,
     expected_calibration_error,
+    fit_distance_temperature,
     fit_feature_density,
     fit_temperature,
+    negative_log_likelihood,
     threshold_for_rate,
 )
 from hematovision.classifier import abstention_path_for, load_classifier, metadata_path_for
@@ -61,6 +64,39 @@ def test_fitted_temperature_undoes_known_overconfidence():
     assert 2.2 < temperature < 2.8
     assert expected_calibration_error(apply_temperature(softmax(logits), temperature), targets) < \
         expected_calibration_error(softmax(logits), targets)
+
+
+def test_distance_temperature_without_slope_is_one_temperature():
+    p = softmax(np.random.default_rng(1).normal(0, 2, (5, 4)))
+    plain = Temperature(base=2.0)
+    np.testing.assert_allclose(plain.apply(p, np.arange(5.0)), apply_temperature(p, 2.0), rtol=1e-12)
+    sloped = Temperature(base=2.0, slope=0.5, centre=10.0)
+    assert sloped.values(None) == 2.0  # no distances (no fitted density): the base temperature
+    np.testing.assert_allclose(sloped.values(np.array([10.0, 12.0])), [2.0, 2.0 * np.e], rtol=1e-12)
+    assert np.isfinite(sloped.values(np.array([1e9]))).all()  # absurd distances stay finite
+    assert (sloped.apply(p, np.full(5, 12.0)).argmax(1) == p.argmax(1)).all()  # the answer never changes
+
+
+def test_distance_temperature_cools_unfamiliar_images_more():
+    """Familiar images (small distance) are calibrated as they are; unfamiliar ones are 3x over-confident. One
+    temperature can only split the difference; the distance form fixes both groups."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    logits = rng.normal(0, 3, (n, 4))
+    far = np.arange(n) >= n // 2
+    distances = np.where(far, 40.0, 20.0) + rng.normal(0, 1, n)
+    truth = softmax(logits / np.where(far, 3.0, 1.0)[:, None])
+    targets = np.array([rng.choice(4, p=row) for row in truth])
+    probs = softmax(logits)
+    single = fit_temperature(probs, targets)
+    fitted = fit_distance_temperature(probs, targets, distances)
+    assert fitted.slope > 0
+    calibrated = fitted.apply(probs, distances)
+    for group in (far, ~far):
+        assert expected_calibration_error(calibrated[group], targets[group]) < expected_calibration_error(
+            apply_temperature(probs, single)[group], targets[group])
+    assert negative_log_likelihood(calibrated, targets) < negative_log_likelihood(apply_temperature(probs, single),
+                                                                                 targets)
 
 
 def test_expected_calibration_error_by_hand():
@@ -198,11 +234,17 @@ def test_fit_writes_parameters_that_travel_with_the_model(fitted_model):
 
 def test_classifier_applies_the_temperature_from_the_metadata(fitted_model):
     classifier = load_classifier(fitted_model)
-    temperature = json.loads(metadata_path_for(fitted_model).read_text())["calibration"]["temperature"]
-    assert classifier.temperature == temperature != 1.0
+    calibration = json.loads(metadata_path_for(fitted_model).read_text())["calibration"]
+    assert classifier.temperature == calibration["temperature"] != 1.0
+    assert classifier.calibration.slope == calibration["distance_slope"]
     x, _ = cell_like(2, seed=5)
     raw = np.asarray(classifier.model(x.astype(np.float32), training=False), dtype=np.float64)
-    np.testing.assert_allclose(classifier.predict(x), softmax(np.log(raw) / temperature), atol=1e-5)
+    distances = classifier.assess(x).distances
+    per_row = calibration["temperature"] * np.exp(calibration["distance_slope"]
+                                                  * (distances - calibration["distance_centre"]))
+    expected = softmax(np.log(raw) / per_row[:, None])
+    np.testing.assert_allclose(classifier.predict(x), expected, atol=1e-5)
+    np.testing.assert_allclose(classifier.assess(x).probabilities, expected, atol=1e-5)
 
 
 def test_abstention_flags_blank_and_noise_but_not_cells(fitted_model):

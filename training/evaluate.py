@@ -307,6 +307,7 @@ def main(argv=None) -> dict:
     if args.split_csv is not None:
         result.update({"split_csv": args.split_csv.name, "split": args.split})
     result["temperature"] = classifier.temperature
+    result["temperature_distance_slope"] = classifier.calibration.slope
     result.update(summarise_abstention(y_true, answers["raw"], answers["probabilities"], answers["reasons"],
                                        classifier.labels))
     relative = [image_set.relative(path) for path in image_set.paths]

@@ -112,6 +112,7 @@ def main(argv=None) -> dict:
     result = {
         "model": args.model.name,
         "temperature": classifier.temperature,
+        "temperature_distance_slope": classifier.calibration.slope,
         "min_probability": rule.min_probability,
         "max_distance": rule.max_distance,
         "targets": TARGETS,

@@ -18,10 +18,14 @@ hematovision.gradcam.find_peak) is compared with the white cell, defined two way
    and contrast differ), and the script checks that for every image: the original, resized to the image's size,
    must match it (mean squared difference of the per-channel standardised images below --max-misfit), otherwise
    the image is reported and left out. Boxes are then scaled by image size / original size.
-   The Kaggle copy of the BCCD annotations (dataset-master/Annotations) holds RBC boxes only, so the WBC boxes of
-   the 71 TEST source photos were taken from the BCCD repository's annotation export (Shenggan/BCCD_Dataset,
+   The Kaggle copy of the BCCD annotations (dataset-master/Annotations) holds RBC boxes only, so the WBC boxes
+   (372 boxes on 358 photos) were taken from the BCCD repository's annotation export (Shenggan/BCCD_Dataset,
    test.csv, MIT licence; its RBC boxes match the Kaggle copy's for ids 50 and above and are re-drawn versions
-   of the same cells below). Every box contains the photo's largest purple blob (checked on all 69 images).
+   of the same cells below). On every one of the 358 photos the centre of the largest purple blob lies in a box.
+
+--held-out-originals measures on the photos the model never trained on outside TEST: the original photos of the
+Kaggle TRAIN source photos that the model's training held out for validation, halved as TEST_SIMPLE's were. That
+is where a heatmap setting (--shifts) is chosen; TEST_SIMPLE only reports the chosen one.
 
 Prints for each definition the hit rate with a 95% Wilson interval, the rate a randomly placed point would
 reach, and per class; for the annotated boxes also how far the missed peaks are from the box (within one
@@ -46,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from hematovision.gradcam import DEFAULT_SHIFTS  # noqa: E402
 from hematovision.imaging import decode_image, to_model_input  # noqa: E402
 from training.evaluate import wilson_interval  # noqa: E402
 
@@ -68,6 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-misfit", type=float, default=0.2,
                    help="largest standardised mean squared difference between an image and its resized original "
                         "(0.2; TEST_SIMPLE's are 0.015-0.07)")
+    p.add_argument("--held-out-originals", action="store_true",
+                   help="instead of --data-dir's images, measure on the original photos of the Kaggle TRAIN source "
+                        "photos that the model's training held out for validation (--data-dir = TRAIN), halved "
+                        "like TEST_SIMPLE: the set to choose --shifts on, never TEST_SIMPLE")
+    p.add_argument("--shifts", type=int, nargs="+", default=[DEFAULT_SHIFTS],
+                   help=f"heatmap refinement: k x k shifted copies (hematovision.gradcam; the app uses "
+                        f"{DEFAULT_SHIFTS}); several values measure each")
     p.add_argument("--json", type=Path, help="write the figures to this JSON file")
     p.add_argument("--overlays", type=Path, help="write each image with heatmap, WBC box and peak to this folder")
     return p.parse_args(argv)
@@ -188,6 +200,27 @@ def write_overlay(folder: Path, relative: str, image, heatmap, peak, boxes, hit)
     overlay.save(folder / f"{tag}_{relative.replace('/', '_').rsplit('.', 1)[0]}.png")
 
 
+def held_out_originals(train_dir: Path, kaggle_dir: Path, metadata: dict) -> list[tuple[str, str, int]]:
+    """(name, class, original id) of each source photo that the model's training held out for validation: the
+    same grouped split of Kaggle TRAIN as train.py (fit_abstention.kaggle_split, with the model's own fraction and
+    seed), mapped to the original photos by training/splits/kaggle_train_sources.csv."""
+    from training.fit_abstention import kaggle_split, split_settings
+    from training.train import DEFAULTS as TRAIN_DEFAULTS
+
+    fraction, seed = split_settings(metadata)
+    _train, validation = kaggle_split(train_dir, metadata["labels"], TRAIN_DEFAULTS["sources"], fraction, seed)
+    with open(TRAIN_DEFAULTS["sources"], newline="", encoding="utf-8") as fh:
+        source_of = {row["path"]: int(row["source_id"]) for row in csv.DictReader(fh)}
+    held_out = {}
+    for path, target in zip(validation.paths, validation.targets, strict=True):
+        source = source_of.get(validation.relative(path))
+        if source is not None:
+            held_out[source] = metadata["labels"][target]
+    jpegs = kaggle_dir / "dataset-master" / "JPEGImages"
+    return [(f"{label}/BloodImage_{source:05d}.jpg", label, source) for source, label in sorted(held_out.items())
+            if (jpegs / f"BloodImage_{source:05d}.jpg").is_file()]
+
+
 def measure(
     data_dir: Path,
     model_path: Path,
@@ -199,42 +232,64 @@ def measure(
     wbc_boxes: Path = DEFAULT_BOXES,
     max_misfit: float = 0.2,
     overlays: Path | None = None,
+    shifts: int = DEFAULT_SHIFTS,
+    held_out: bool = False,
 ) -> dict:
+    from PIL import Image
+
     from hematovision.classifier import load_classifier
     from hematovision.gradcam import GradCam, find_peak
 
     classifier = load_classifier(model_path, runtime="tf.function")  # the app's prediction, without converting
     labels = classifier.labels
     explainer = GradCam(classifier.model)
-    files = list_files(data_dir)
-    if not files:
-        raise SystemExit(f"No images under {data_dir}")
-
     kaggle_dir = kaggle_dir or find_kaggle_dir(data_dir)
-    sources = read_source_map(kaggle_dir) if kaggle_dir else {}
-    if sources and not wbc_boxes.exists():
+    originals = (kaggle_dir / "dataset-master" / "JPEGImages") if kaggle_dir else None
+
+    # (relative name, folder, loader, original id or None, check that the image is its original halved)
+    items: list[tuple[str, str, object, int | None, bool]] = []
+    if held_out:
+        if not kaggle_dir:
+            raise SystemExit("--held-out-originals needs --kaggle-dir (the folder with dataset-master/)")
+
+        def halved(path):  # TEST_SIMPLE's images are their originals halved: make these the same way
+            return lambda: Image.open(path).convert("RGB").reduce(2)
+
+        for name, label, source in held_out_originals(data_dir, kaggle_dir, classifier.metadata):
+            items.append((name, label, halved(originals / f"BloodImage_{source:05d}.jpg"), source, False))
+    else:
+        sources = read_source_map(kaggle_dir) if kaggle_dir else {}
+        for path in list_files(data_dir):
+            folder = path.parent.name.upper() if path.parent != data_dir else "(top level)"
+            items.append((path.relative_to(data_dir).as_posix(), folder,
+                          lambda path=path: decode_image(path.read_bytes()), sources.get(path.resolve()), True))
+    if not items:
+        raise SystemExit(f"No images under {data_dir}")
+    if any(source is not None for *_, source, _check in items) and not wbc_boxes.exists():
         raise SystemExit(f"WBC boxes not found: {wbc_boxes}")
-    boxes_by_source = read_wbc_boxes(wbc_boxes) if sources else {}
+    boxes_by_source = read_wbc_boxes(wbc_boxes) if any(item[3] is not None for item in items) else {}
 
     rows: list[dict] = []
     no_cell: list[str] = []
     misfits: list[str] = []
     areas: list[float] = []  # the blob's share of the image: the hit rate of a peak placed at random
     box_areas: list[float] = []
-    for path in files:
-        image = decode_image(path.read_bytes())
+    grid = explainer.grid
+    for relative, folder, load, source, check_misfit in items:
+        image = load()
         rgb = np.asarray(image)
-        relative = path.relative_to(data_dir).as_posix()
         model_input = to_model_input(image)
         probabilities = classifier.predict(model_input[None])[0]
         class_index = int(np.argmax(probabilities))
-        heatmap = explainer.compute_heatmap(model_input, class_index)
+        heatmap = explainer.compute_heatmap(model_input, class_index, shifts=shifts)
         x, y = find_peak(heatmap, image.size)
-        cell_row, cell_col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-        on_edge = cell_row in (0, heatmap.shape[0] - 1) or cell_col in (0, heatmap.shape[1] - 1)
+        # Which of the block's cells the peak lies in (the heatmap may be finer than the block).
+        cell_row = min(int(y * grid[0] / image.size[1]), grid[0] - 1)
+        cell_col = min(int(x * grid[1] / image.size[0]), grid[1] - 1)
+        on_edge = cell_row in (0, grid[0] - 1) or cell_col in (0, grid[1] - 1)
         row = {
             "file": relative,
-            "folder": path.parent.name.upper() if path.parent != data_dir else "(top level)",
+            "folder": folder,
             "predicted": labels[class_index],
             "probability": round(float(probabilities[class_index]), 4),
             "peak": [x, y],
@@ -250,16 +305,14 @@ def measure(
             row["hit_colour"] = bool(mask[y, x])
 
         scaled = None
-        source = sources.get(path.resolve())
-        originals = (kaggle_dir / "dataset-master" / "JPEGImages") if kaggle_dir else None
         original = originals / f"BloodImage_{source:05d}.jpg" if source is not None else None
         if source is not None and source in boxes_by_source and original.is_file():
             score, (sx, sy) = misfit(rgb, original)
             row["source_id"], row["misfit"] = source, round(score, 4)
-            if score <= max_misfit:
+            if score <= max_misfit or not check_misfit:
                 scaled = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes_by_source[source]]
                 distance = distance_to_boxes(x, y, scaled)
-                cell = max(image.size[0] / heatmap.shape[1], image.size[1] / heatmap.shape[0])
+                cell = max(image.size[0] / grid[1], image.size[1] / grid[0])
                 row.update(hit_box=distance == 0, box_distance_px=round(distance, 1),
                            box_distance_cells=round(distance / cell, 2), wbc_boxes=len(scaled))
                 inside = np.zeros(rgb.shape[:2], bool)
@@ -275,11 +328,14 @@ def measure(
     colour = rate(rows, "hit_colour")
     result = {
         "data_dir": str(data_dir),
+        "images_measured": "held-out validation originals, halved" if held_out else "the files under data_dir",
         "model": str(model_path),
+        "shifts": shifts,
         "target_layer": explainer.layer.name,
         "labels": labels,
         "prediction": f"the app's: mean over {int(classifier.metadata.get('test_time_views', 1))} test-time views",
-        "peak": "centre of the hottest heatmap cell",
+        "peak": "centre of the hottest heatmap cell" if shifts == 1 else
+                f"hottest pixel of the heatmap averaged over {shifts}x{shifts} shifted copies",
         # The colour definition, as before: the largest purple blob, dilated.
         **colour,
         "chance_rate": float(np.mean(areas)) if areas else 0.0,
@@ -310,18 +366,35 @@ def measure(
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = measure(
-        args.data_dir,
-        args.model,
-        margin=args.margin,
-        min_blue_excess=args.min_blue_excess,
-        max_brightness=args.max_brightness,
-        kaggle_dir=args.kaggle_dir,
-        wbc_boxes=args.wbc_boxes,
-        max_misfit=args.max_misfit,
-        overlays=args.overlays,
-    )
-    print(f"layer {result['target_layer']}; prediction: {result['prediction']}")
+    results = {}
+    for shifts in args.shifts:
+        result = results[shifts] = measure(
+            args.data_dir,
+            args.model,
+            margin=args.margin,
+            min_blue_excess=args.min_blue_excess,
+            max_brightness=args.max_brightness,
+            kaggle_dir=args.kaggle_dir,
+            wbc_boxes=args.wbc_boxes,
+            max_misfit=args.max_misfit,
+            overlays=args.overlays / f"shifts{shifts}" if args.overlays and len(args.shifts) > 1 else args.overlays,
+            shifts=shifts,
+            held_out=args.held_out_originals,
+        )
+        print(f"== {shifts}x{shifts} shifted copies; layer {result['target_layer']}; prediction: "
+              f"{result['prediction']}; images: {result['images_measured']}")
+        report(result)
+    # One setting: its figures, as before; several: each under its number of shifts.
+    output = results[args.shifts[0]]
+    if len(args.shifts) > 1:
+        output = {"by_shifts": {str(k): v for k, v in results.items()}}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(output, indent=2) + "\n", encoding="utf-8")
+    return output
+
+
+def report(result: dict) -> None:
     print_rate("Grad-CAM peak on the stained cell (largest purple blob)", result)
     if result["no_cell_found"]:
         print(f"  no purple blob found in {len(result['no_cell_found'])} images (left out)")
@@ -337,10 +410,6 @@ def main(argv=None) -> dict:
             print(f"  left out, image does not match its original: {', '.join(box['misfit_left_out'])}")
         if box["without_box"]:
             print(f"  {box['without_box']} images have no annotated box (not in {SOURCE_MAP} or no WBC box)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return result
 
 
 def print_rate(title: str, figures: dict) -> None:
