@@ -266,3 +266,50 @@ def test_wbc_boxes_are_read_from_voc_annotations(tmp_path):
     assert measure_gradcam.read_wbc_boxes(tmp_path) == {42: [(10.0, 20.0, 30.0, 40.0)]}
     shipped = measure_gradcam.read_wbc_boxes(measure_gradcam.DEFAULT_BOXES)
     assert len(shipped) == 358 and sum(len(b) for b in shipped.values()) == 372  # 14 photos hold two white cells
+
+
+def test_held_out_originals_are_the_validation_photos_halved(tiny_model_path, tmp_path):
+    """--held-out-originals measures the original photos of exactly the source photos that the model's grouped
+    split held out, halved like TEST_SIMPLE, with their boxes halved too."""
+    import csv
+
+    from training.fit_abstention import kaggle_split
+    from training.train import DEFAULTS as TRAIN_DEFAULTS
+
+    root = tmp_path / "blood-cells"
+    train = root / "dataset2-master" / "images" / "TRAIN"
+    originals = root / "dataset-master" / "JPEGImages"
+    originals.mkdir(parents=True)
+    chosen: dict[str, dict[int, list[str]]] = {}  # two source photos per class, two TRAIN copies of each
+    with open(TRAIN_DEFAULTS["sources"], newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            photos = chosen.setdefault(row["label"], {})
+            source = int(row["source_id"])
+            if (source in photos or len(photos) < 2) and len(photos.get(source, [])) < 2:
+                photos.setdefault(source, []).append(row["path"])
+    boxes = ["original_id,xmin,ymin,xmax,ymax"]
+    for photos in chosen.values():
+        for source, paths in photos.items():
+            for path in paths:
+                (train / path).parent.mkdir(parents=True, exist_ok=True)
+                smear(size=(320, 240)).save(train / path)
+            smear(size=(640, 480), cell=(400, 240, 80)).save(originals / f"BloodImage_{source:05d}.jpg", quality=95)
+            boxes.append(f"{source},321,161,480,320")
+    (root / "boxes.csv").write_text("\n".join(boxes) + "\n", encoding="utf-8")
+
+    result = measure_gradcam.main(["--data-dir", str(train), "--kaggle-dir", str(root), "--held-out-originals",
+                                   "--model", str(tiny_model_path), "--wbc-boxes", str(root / "boxes.csv"),
+                                   "--shifts", "2"])
+    labels = json.loads(tiny_model_path.with_suffix(".json").read_text())["labels"]
+    _, validation = kaggle_split(train, labels, TRAIN_DEFAULTS["sources"], 0.15, 1337)
+    validation_files = {Path(v).resolve() for v in validation.paths}
+    held_out = {source for photos in chosen.values() for source, paths in photos.items()
+                if any((train / p).resolve() in validation_files for p in paths)}
+    assert result["shifts"] == 2 and result["images_measured"].startswith("held-out")
+    assert {row["source_id"] for row in result["images"]} == held_out and len(held_out) == 4  # one per class
+    assert result["annotated_box"]["n"] == 4 and result["annotated_box"]["misfit_left_out"] == []
+    for row in result["images"]:
+        x, y = row["peak"]
+        assert 0 <= x < 320 and 0 <= y < 240  # the halved photo
+        assert row["hit_box"] == (160 <= x + 0.5 <= 240 and 80 <= y + 0.5 <= 160)  # the box, halved
+

@@ -25,7 +25,7 @@ hematovision.gradcam.find_peak) is compared with the white cell, defined two way
 
 --held-out-originals measures on the photos the model never trained on outside TEST: the original photos of the
 Kaggle TRAIN source photos that the model's training held out for validation, halved as TEST_SIMPLE's were. That
-is where a heatmap setting (--shifts) is chosen; TEST_SIMPLE only reports the chosen one.
+is where a heatmap setting (--shifts) is chosen; TEST_SIMPLE only reports (`--shifts 4 1` reports two settings).
 
 Prints for each definition the hit rate with a 95% Wilson interval, the rate a randomly placed point would
 reach, and per class; for the annotated boxes also how far the missed peaks are from the box (within one
@@ -409,7 +409,7 @@ def report(result: dict) -> None:
         if box["misfit_left_out"]:
             print(f"  left out, image does not match its original: {', '.join(box['misfit_left_out'])}")
         if box["without_box"]:
-            print(f"  {box['without_box']} images have no annotated box (not in {SOURCE_MAP} or no WBC box)")
+            print(f"  {box['without_box']} images have no annotated box (no known original photo, or no WBC box on it)")
 
 
 def print_rate(title: str, figures: dict) -> None:
