@@ -3,8 +3,9 @@
 Free of Flask and of Keras (numpy only), so the app, the API, evaluate.py and the fitting script share it.
 
 - **Temperature scaling.** The model outputs softmax probabilities (averaged over the test-time views); the
-  calibrated answer is softmax(log(p) / T), the same as dividing the logits by T. T is fitted on validation data
-  only (training/fit_abstention.py) and stored in the model's metadata under `calibration`.
+  calibrated answer is softmax(log(p) / T), the same as dividing the logits by T. T may grow with the image's
+  distance to the training cells (`Temperature`). It is fitted on validation data only
+  (training/fit_abstention.py) and stored in the model's metadata under `calibration`.
 - **Abstention.** An image is answered "uncertain" when its calibrated top probability is below `min_probability`
   (reason `low_confidence`), or when its pooled penultimate features are far from every class of the training
   cells (reason `unlike_training_cells`): the smallest Mahalanobis distance to a class mean, with one shared
@@ -102,6 +103,11 @@ class Temperature:
 
     def apply(self, probabilities: np.ndarray, distances: np.ndarray | None = None) -> np.ndarray:
         return apply_temperature(probabilities, self.values(distances))
+
+    def __str__(self) -> str:
+        if self.slope == 0.0:
+            return f"{self.base:.4f}"
+        return f"{self.base:.4f} * exp({self.slope:.5f} * (distance - {self.centre:.2f}))"
 
 
 def fit_distance_temperature(probabilities: np.ndarray, targets: np.ndarray, distances: np.ndarray) -> Temperature:
@@ -221,6 +227,11 @@ class AbstentionRule:
     max_distance: float | None = None
     density: FeatureDensity | None = None
 
+    @property
+    def tests_distance(self) -> bool:
+        """Whether the "not like any training cell" test applies (a fitted density and its threshold)."""
+        return self.density is not None and self.max_distance is not None
+
     def distances(self, features: np.ndarray | None) -> np.ndarray | None:
         if self.density is None or features is None:
             return None
@@ -234,7 +245,7 @@ class AbstentionRule:
         top = np.asarray(probabilities).max(axis=1)
         reasons: list[str | None] = [None] * len(top)
         for i, p in enumerate(top):
-            if distances is not None and self.max_distance is not None and distances[i] > self.max_distance:
+            if distances is not None and self.tests_distance and distances[i] > self.max_distance:
                 reasons[i] = UNLIKE_TRAINING
             elif threshold is not None and p < threshold:
                 reasons[i] = LOW_CONFIDENCE

@@ -87,12 +87,6 @@ class Differential:
     rejected: list[ItemResult]
 
 
-def is_uncertain(top_probability: float, threshold: float = 0.6) -> bool:
-    """The plain confidence test alone. A softmax model can be very sure about an image that is not a white cell
-    at all: classify_files also applies the model's distance test (hematovision.abstention)."""
-    return top_probability < threshold
-
-
 def classify_files(
     classifier,
     files: Sequence[tuple[str, bytes]],

@@ -102,8 +102,7 @@ class Classifier:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, 224, 224, 3) uint8 -> (N, classes) calibrated probabilities."""
-        raw, features = self.run(batch)
-        return self.calibration.apply(raw, self.rule.distances(features))
+        return self.assess(batch).probabilities
 
     def assess(self, batch: np.ndarray, min_probability: float | None = None) -> Assessment:
         """Calibrated probabilities and the abstention decision, from one model run. `min_probability`

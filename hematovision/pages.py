@@ -43,7 +43,7 @@ def model_card():
         uncertain_below=classifier.min_probability(web.uncertain_below()),
         temperature=classifier.temperature,
         temperature_slope=classifier.calibration.slope,
-        distance_rule=classifier.rule.density is not None and classifier.rule.max_distance is not None,
+        distance_rule=classifier.rule.tests_distance,
     )
 
 
@@ -96,7 +96,7 @@ def render_batch(uploads: list[FileStorage]):
             rows=rows,
             differential=count_differential(results, classifier.labels),
             threshold=threshold,
-            distance_rule=classifier.rule.density is not None and classifier.rule.max_distance is not None,
+            distance_rule=classifier.rule.tests_distance,
             csv_uri="data:text/csv;charset=utf-8;base64," + base64.b64encode(csv_text.encode("utf-8")).decode(),
             shorten=web.shorten,
         )

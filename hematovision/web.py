@@ -15,6 +15,7 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.wrappers import Response
 
+from hematovision import gradcam
 from hematovision.abstention import REASON_SHORT, REASONS
 from hematovision.classifier import Classifier
 from hematovision.imaging import ImageRejected, decode_image, to_model_input
@@ -139,8 +140,6 @@ def explain_prediction(image: Image.Image, model_input: np.ndarray, class_index:
     Only the single-image page pays for it, when its box is ticked (bench/results/bench_predict.json); the batch
     page and the API do not. The first call after start-up also loads Keras and the .h5, which serving with TFLite
     skipped, and traces the graph: ~5 s once."""
-    from hematovision import gradcam  # imports TensorFlow's graph machinery: only when a page needs it
-
     try:
         explainer = current_app.extensions.get(GRADCAM_KEY)
         if explainer is None:

@@ -201,9 +201,12 @@ def format_report(result: dict) -> str:
     if "ece" in result:
         low, high = result["accuracy_answered_ci95"]
         reasons = ", ".join(f"{k}: {v}" for k, v in result["abstained_by_reason"].items()) or "none"
+        temperature = f"temperature {result.get('temperature', 1.0):.3f}"
+        if result.get("temperature_distance_slope"):
+            temperature += f" x exp({result['temperature_distance_slope']:.4f} x (distance - its median))"
         lines += [
             "",
-            f"calibration (temperature {result.get('temperature', 1.0):.3f}): ECE {result['ece_uncalibrated']:.4f} -> "
+            f"calibration ({temperature}): ECE {result['ece_uncalibrated']:.4f} -> "
             f"{result['ece']:.4f}, log-loss {result['log_loss_uncalibrated']:.4f} -> {result['log_loss']:.4f}",
             f"answered 'uncertain': {result['abstained']} of {result['n']} "
             f"({result['abstention_rate']:.2%}; {reasons})",

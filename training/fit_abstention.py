@@ -272,8 +272,7 @@ def main(argv=None) -> dict:
                  np.concatenate(val_targets), np.concatenate(val_features), np.concatenate(val_domains),
                  components=args.components, distance_rate=args.distance_rate,
                  confidence_rate=args.confidence_rate, calibration=args.calibration)
-    t = fitted["temperature"]
-    print(f"temperature {t.base:.4f} * exp({t.slope:.5f} * (distance - {t.centre:.2f})) (one temperature: "
+    print(f"temperature {fitted['temperature']} (one temperature: "
           f"{fitted['single_temperature']:.4f}); min_probability {fitted['min_probability']:.4f}; "
           f"max_distance {fitted['max_distance']:.3f}")
     print(json.dumps(fitted["validation"], indent=2))

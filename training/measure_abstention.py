@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
             classifier, split_rows(args.pbc_dir, args.pbc_split, "test", classifier.labels), args.batch_size)
     result["seconds"] = round(time.time() - started, 1)
 
-    print(f"temperature {classifier.temperature:.4f}, min_probability {rule.min_probability}, "
+    print(f"temperature {classifier.calibration}, min_probability {rule.min_probability}, "
           f"max_distance {rule.max_distance}")
     checks = []
     if "noncell" in result:

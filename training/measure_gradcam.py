@@ -204,18 +204,18 @@ def held_out_originals(train_dir: Path, kaggle_dir: Path, metadata: dict) -> lis
     """(name, class, original id) of each source photo that the model's training held out for validation: the
     same grouped split of Kaggle TRAIN as train.py (fit_abstention.kaggle_split, with the model's own fraction and
     seed), mapped to the original photos by training/splits/kaggle_train_sources.csv."""
+    from training.evaluate import read_source_ids
     from training.fit_abstention import kaggle_split, split_settings
     from training.train import DEFAULTS as TRAIN_DEFAULTS
 
     fraction, seed = split_settings(metadata)
     _train, validation = kaggle_split(train_dir, metadata["labels"], TRAIN_DEFAULTS["sources"], fraction, seed)
-    with open(TRAIN_DEFAULTS["sources"], newline="", encoding="utf-8") as fh:
-        source_of = {row["path"]: int(row["source_id"]) for row in csv.DictReader(fh)}
+    source_of = read_source_ids(TRAIN_DEFAULTS["sources"])
     held_out = {}
     for path, target in zip(validation.paths, validation.targets, strict=True):
         source = source_of.get(validation.relative(path))
         if source is not None:
-            held_out[source] = metadata["labels"][target]
+            held_out[int(source)] = metadata["labels"][target]
     jpegs = kaggle_dir / "dataset-master" / "JPEGImages"
     return [(f"{label}/BloodImage_{source:05d}.jpg", label, source) for source, label in sorted(held_out.items())
             if (jpegs / f"BloodImage_{source:05d}.jpg").is_file()]
@@ -265,9 +265,10 @@ def measure(
                           lambda path=path: decode_image(path.read_bytes()), sources.get(path.resolve()), True))
     if not items:
         raise SystemExit(f"No images under {data_dir}")
-    if any(source is not None for *_, source, _check in items) and not wbc_boxes.exists():
+    has_sources = any(source is not None for _name, _folder, _load, source, _check in items)
+    if has_sources and not wbc_boxes.exists():
         raise SystemExit(f"WBC boxes not found: {wbc_boxes}")
-    boxes_by_source = read_wbc_boxes(wbc_boxes) if any(item[3] is not None for item in items) else {}
+    boxes_by_source = read_wbc_boxes(wbc_boxes) if has_sources else {}
 
     rows: list[dict] = []
     no_cell: list[str] = []
