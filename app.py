@@ -43,10 +43,13 @@ def create_app(test_config: dict | None = None) -> Flask:
         UNCERTAIN_BELOW=batch.DEFAULT_UNCERTAIN_BELOW,
         # Shifted copies per axis behind each Grad-CAM heatmap (hematovision/gradcam.py): 1 = the plain 7x7 map.
         GRADCAM_SHIFTS=gradcam.DEFAULT_SHIFTS,
+        GRADCAM_METHOD=gradcam.DEFAULT_METHOD,  # "gradcam++" or "gradcam": how its channels are weighted
     )
     app.config.from_prefixed_env()  # e.g. FLASK_MODEL_PATH, FLASK_MAX_CONTENT_LENGTH
     if test_config:
         app.config.from_mapping(test_config)
+    if app.config["GRADCAM_METHOD"] not in gradcam.METHODS:  # fail at start, not on the first explained image
+        raise ValueError(f"GRADCAM_METHOD must be one of {', '.join(gradcam.METHODS)}")
 
     # Raises ModelLoadError with a clear message: there is deliberately no fallback model.
     app.extensions[web.EXTENSION_KEY] = load_classifier(

@@ -116,7 +116,8 @@ def bench_post_predict(model_path: Path, requests: int, explain: bool = False) -
         post()
     timings = _common.time_calls(post, requests)
     return {"runtime": app.extensions["hematovision"].runtime, "grad_cam": explain,
-            **({"grad_cam_shifts": app.config["GRADCAM_SHIFTS"]} if explain else {}), **timings}
+            **({"grad_cam_shifts": app.config["GRADCAM_SHIFTS"], "grad_cam_method": app.config["GRADCAM_METHOD"]}
+               if explain else {}), **timings}
 
 
 def naive_app(model_path: Path):

@@ -144,7 +144,8 @@ def explain_prediction(image: Image.Image, model_input: np.ndarray, class_index:
         explainer = current_app.extensions.get(GRADCAM_KEY)
         if explainer is None:
             explainer = current_app.extensions[GRADCAM_KEY] = gradcam.GradCam(get_classifier().model)
-        heatmap = explainer.compute_heatmap(model_input, class_index, shifts=int(current_app.config["GRADCAM_SHIFTS"]))
+        heatmap = explainer.compute_heatmap(model_input, class_index, shifts=int(current_app.config["GRADCAM_SHIFTS"]),
+                                            method=current_app.config["GRADCAM_METHOD"])
     except Exception:  # the heatmap is an extra: whatever breaks it (another backend, no spatial layer),
         current_app.logger.exception("No Grad-CAM heatmap")  # the prediction is still shown
         return None

@@ -97,6 +97,49 @@ def test_heatmap_is_the_class_activation_map_of_the_logit():
         np.testing.assert_allclose(explainer.compute_heatmap(image, class_index), expected, atol=1e-5)
 
 
+
+def test_gradcam_plus_plus_follows_its_closed_form_behind_pooling_and_dense():
+    """Behind global pooling and a softmax Dense layer the logit's gradient is w_kc / (h*w) at every position, so
+    Grad-CAM++'s alpha is 1 / (2 + S_k g_k) with S_k the channel's summed activation, and its channel weight is
+    h*w*relu(g_k)*alpha: only channels with a positive weight for the class count. This checks the formula, the
+    positive part and the ReLU against the features read straight from the model."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((224, 224, 3))
+    features = layers.Conv2D(6, 9, strides=32, padding="same", activation="relu", name="features")(inputs)
+    dense = layers.Dense(4, activation="softmax")
+    model = keras.Model(inputs, dense(layers.GlobalAveragePooling2D()(features)))
+    image = np.random.default_rng(1).integers(0, 256, (224, 224, 3)).astype(np.uint8)
+    maps = keras.Model(inputs, features).predict_on_batch(image[None].astype(np.float32))[0].astype(np.float64)
+    kernel = keras.ops.convert_to_numpy(dense.kernel).astype(np.float64)
+    explainer = gradcam.GradCam(model)
+    positions = maps.shape[0] * maps.shape[1]
+    differs = False
+    for class_index in range(4):
+        g = kernel[:, class_index] / positions
+        weights = positions * np.maximum(g, 0) / (2 + maps.sum(axis=(0, 1)) * g)
+        cam = np.maximum(maps @ weights, 0)
+        expected = cam / cam.max() if cam.max() > 0 else cam
+        heatmap = explainer.compute_heatmap(image, class_index, method="gradcam++")
+        np.testing.assert_allclose(heatmap, expected, atol=1e-4)
+        differs |= not np.allclose(heatmap, explainer.compute_heatmap(image, class_index), atol=1e-3)
+    assert differs  # a different map from Grad-CAM's, not the same one by another name
+
+
+def test_an_unknown_method_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="method must be one of"):
+        gradcam.GradCam(tiny_model).compute_heatmap(np.zeros((224, 224, 3), np.uint8), 0, method="magic")
+
+
+def test_the_app_refuses_an_unknown_gradcam_method_at_start(tiny_model_path):
+    from app import create_app
+
+    with pytest.raises(ValueError, match="GRADCAM_METHOD"):
+        create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "GRADCAM_METHOD": "gradcam+"})
+
+
 def test_shifted_copies_move_content_and_come_back():
     image = np.arange(224 * 224 * 3, dtype=np.float32).reshape(224, 224, 3)
     offsets = gradcam.shift_offsets(4, 32)
@@ -305,11 +348,22 @@ def test_held_out_originals_are_the_validation_photos_halved(tiny_model_path, tm
     validation_files = {Path(v).resolve() for v in validation.paths}
     held_out = {source for photos in chosen.values() for source, paths in photos.items()
                 if any((train / p).resolve() in validation_files for p in paths)}
-    assert result["shifts"] == 2 and result["images_measured"].startswith("held-out")
+    assert result["shifts"] == 2 and result["method"] == gradcam.DEFAULT_METHOD
+    assert result["images_measured"].startswith("held-out")
     assert {row["source_id"] for row in result["images"]} == held_out and len(held_out) == 4  # one per class
     assert result["annotated_box"]["n"] == 4 and result["annotated_box"]["misfit_left_out"] == []
     for row in result["images"]:
         x, y = row["peak"]
         assert 0 <= x < 320 and 0 <= y < 240  # the halved photo
         assert row["hit_box"] == (160 <= x + 0.5 <= 240 and 80 <= y + 0.5 <= 160)  # the box, halved
+
+    # --trained-on-originals: the other source photos, each setting of several under "method, kxk"
+    result = measure_gradcam.main(["--data-dir", str(train), "--kaggle-dir", str(root), "--trained-on-originals",
+                                   "--model", str(tiny_model_path), "--wbc-boxes", str(root / "boxes.csv"),
+                                   "--shifts", "1", "--method", "gradcam", "gradcam++"])
+    assert set(result["by_setting"]) == {"gradcam, 1x1", "gradcam++, 1x1"}
+    for name, setting in result["by_setting"].items():
+        assert setting["method"] == name.split(",")[0] and setting["images_measured"].startswith("trained-on")
+        trained_on = {source for photos in chosen.values() for source in photos} - held_out
+        assert {row["source_id"] for row in setting["images"]} == trained_on and len(trained_on) == 4
 

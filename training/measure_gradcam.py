@@ -25,7 +25,9 @@ hematovision.gradcam.find_peak) is compared with the white cell, defined two way
 
 --held-out-originals measures on the photos the model never trained on outside TEST: the original photos of the
 Kaggle TRAIN source photos that the model's training held out for validation, halved as TEST_SIMPLE's were. That
-is where a heatmap setting (--shifts) is chosen; TEST_SIMPLE only reports (`--shifts 4 1` reports two settings).
+is where a heatmap setting (--shifts, --method) is chosen; TEST_SIMPLE only reports. --trained-on-originals does the
+same for the other Kaggle TRAIN source photos: the model trained on crops of them, so they are a weaker check, but
+there are 233 boxed ones against 41. Several --shifts or --method values measure each setting.
 
 Prints for each definition the hit rate with a 95% Wilson interval, the rate a randomly placed point would
 reach, and per class; for the annotated boxes also how far the missed peaks are from the box (within one
@@ -50,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hematovision.gradcam import DEFAULT_SHIFTS  # noqa: E402
+from hematovision.gradcam import DEFAULT_METHOD, DEFAULT_SHIFTS, METHODS  # noqa: E402
 from hematovision.imaging import decode_image, to_model_input  # noqa: E402
 from training.evaluate import wilson_interval  # noqa: E402
 
@@ -73,13 +75,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-misfit", type=float, default=0.2,
                    help="largest standardised mean squared difference between an image and its resized original "
                         "(0.2; TEST_SIMPLE's are 0.015-0.07)")
-    p.add_argument("--held-out-originals", action="store_true",
-                   help="instead of --data-dir's images, measure on the original photos of the Kaggle TRAIN source "
-                        "photos that the model's training held out for validation (--data-dir = TRAIN), halved "
-                        "like TEST_SIMPLE: the set to choose --shifts on, never TEST_SIMPLE")
+    originals = p.add_mutually_exclusive_group()
+    originals.add_argument("--held-out-originals", action="store_const", const="held-out", dest="originals",
+                           help="instead of --data-dir's images, measure on the original photos of the Kaggle TRAIN "
+                                "source photos that the model's training held out for validation (--data-dir = "
+                                "TRAIN), halved like TEST_SIMPLE: the set to choose settings on, never TEST_SIMPLE")
+    originals.add_argument("--trained-on-originals", action="store_const", const="trained-on", dest="originals",
+                           help="the same for the other Kaggle TRAIN source photos, whose crops the model trained on")
     p.add_argument("--shifts", type=int, nargs="+", default=[DEFAULT_SHIFTS],
                    help=f"heatmap refinement: k x k shifted copies (hematovision.gradcam; the app uses "
                         f"{DEFAULT_SHIFTS}); several values measure each")
+    p.add_argument("--method", nargs="+", choices=METHODS, default=[DEFAULT_METHOD],
+                   help=f"channel weighting (hematovision.gradcam; the app uses {DEFAULT_METHOD}); "
+                        "several values measure each")
     p.add_argument("--json", type=Path, help="write the figures to this JSON file")
     p.add_argument("--overlays", type=Path, help="write each image with heatmap, WBC box and peak to this folder")
     return p.parse_args(argv)
@@ -200,24 +208,29 @@ def write_overlay(folder: Path, relative: str, image, heatmap, peak, boxes, hit)
     overlay.save(folder / f"{tag}_{relative.replace('/', '_').rsplit('.', 1)[0]}.png")
 
 
-def held_out_originals(train_dir: Path, kaggle_dir: Path, metadata: dict) -> list[tuple[str, str, int]]:
-    """(name, class, original id) of each source photo that the model's training held out for validation: the
-    same grouped split of Kaggle TRAIN as train.py (fit_abstention.kaggle_split, with the model's own fraction and
-    seed), mapped to the original photos by training/splits/kaggle_train_sources.csv."""
+def kaggle_train_originals(
+    train_dir: Path, kaggle_dir: Path, metadata: dict, *, held_out: bool = True
+) -> list[tuple[str, str, int]]:
+    """(name, class, original id) of the Kaggle TRAIN source photos that the model's training held out for
+    validation (held_out=True), or of the others, whose crops it trained on (held_out=False): the same grouped
+    split of Kaggle TRAIN as train.py (fit_abstention.kaggle_split, with the model's own fraction and seed), mapped
+    to the original photos by training/splits/kaggle_train_sources.csv. None of them is a TEST or TEST_SIMPLE photo
+    (training/splits/kaggle_test_sources.csv shares no id with it)."""
     from training.evaluate import read_source_ids
     from training.fit_abstention import kaggle_split, split_settings
     from training.train import DEFAULTS as TRAIN_DEFAULTS
 
     fraction, seed = split_settings(metadata)
-    _train, validation = kaggle_split(train_dir, metadata["labels"], TRAIN_DEFAULTS["sources"], fraction, seed)
+    train, validation = kaggle_split(train_dir, metadata["labels"], TRAIN_DEFAULTS["sources"], fraction, seed)
+    part = validation if held_out else train
     source_of = read_source_ids(TRAIN_DEFAULTS["sources"])
-    held_out = {}
-    for path, target in zip(validation.paths, validation.targets, strict=True):
-        source = source_of.get(validation.relative(path))
-        if source is not None:
-            held_out[int(source)] = metadata["labels"][target]
+    chosen = {}
+    for path, target in zip(part.paths, part.targets, strict=True):
+        source = source_of.get(part.relative(path))
+        if source:
+            chosen[int(source)] = metadata["labels"][target]
     jpegs = kaggle_dir / "dataset-master" / "JPEGImages"
-    return [(f"{label}/BloodImage_{source:05d}.jpg", label, source) for source, label in sorted(held_out.items())
+    return [(f"{label}/BloodImage_{source:05d}.jpg", label, source) for source, label in sorted(chosen.items())
             if (jpegs / f"BloodImage_{source:05d}.jpg").is_file()]
 
 
@@ -233,8 +246,11 @@ def measure(
     max_misfit: float = 0.2,
     overlays: Path | None = None,
     shifts: int = DEFAULT_SHIFTS,
-    held_out: bool = False,
+    method: str = DEFAULT_METHOD,
+    originals_of: str | None = None,
 ) -> dict:
+    """The figures of one heatmap setting. originals_of: None (the files under data_dir), "held-out" or
+    "trained-on" (Kaggle TRAIN's source photos, see kaggle_train_originals; data_dir is then TRAIN)."""
     from PIL import Image
 
     from hematovision.classifier import load_classifier
@@ -248,14 +264,15 @@ def measure(
 
     # (relative name, folder, loader, original id or None, check that the image is its original halved)
     items: list[tuple[str, str, object, int | None, bool]] = []
-    if held_out:
+    if originals_of:
         if not kaggle_dir:
-            raise SystemExit("--held-out-originals needs --kaggle-dir (the folder with dataset-master/)")
+            raise SystemExit(f"--{originals_of}-originals needs --kaggle-dir (the folder with dataset-master/)")
 
         def halved(path):  # TEST_SIMPLE's images are their originals halved: make these the same way
             return lambda: Image.open(path).convert("RGB").reduce(2)
 
-        for name, label, source in held_out_originals(data_dir, kaggle_dir, classifier.metadata):
+        for name, label, source in kaggle_train_originals(data_dir, kaggle_dir, classifier.metadata,
+                                                          held_out=originals_of == "held-out"):
             items.append((name, label, halved(originals / f"BloodImage_{source:05d}.jpg"), source, False))
     else:
         sources = read_source_map(kaggle_dir) if kaggle_dir else {}
@@ -282,7 +299,7 @@ def measure(
         model_input = to_model_input(image)
         probabilities = classifier.predict(model_input[None])[0]
         class_index = int(np.argmax(probabilities))
-        heatmap = explainer.compute_heatmap(model_input, class_index, shifts=shifts)
+        heatmap = explainer.compute_heatmap(model_input, class_index, shifts=shifts, method=method)
         x, y = find_peak(heatmap, image.size)
         # Which of the block's cells the peak lies in (the heatmap may be finer than the block).
         cell_row = min(int(y * grid[0] / image.size[1]), grid[0] - 1)
@@ -329,9 +346,11 @@ def measure(
     colour = rate(rows, "hit_colour")
     result = {
         "data_dir": str(data_dir),
-        "images_measured": "held-out validation originals, halved" if held_out else "the files under data_dir",
+        "images_measured": {None: "the files under data_dir", "held-out": "held-out validation originals, halved",
+                            "trained-on": "trained-on Kaggle TRAIN originals, halved"}[originals_of],
         "model": str(model_path),
         "shifts": shifts,
+        "method": method,
         "target_layer": explainer.layer.name,
         "labels": labels,
         "prediction": f"the app's: mean over {int(classifier.metadata.get('test_time_views', 1))} test-time views",
@@ -367,9 +386,11 @@ def measure(
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    settings = [(method, shifts) for method in args.method for shifts in args.shifts]
     results = {}
-    for shifts in args.shifts:
-        result = results[shifts] = measure(
+    for method, shifts in settings:
+        name = f"{method}, {shifts}x{shifts}"
+        result = results[name] = measure(
             args.data_dir,
             args.model,
             margin=args.margin,
@@ -378,17 +399,17 @@ def main(argv=None) -> dict:
             kaggle_dir=args.kaggle_dir,
             wbc_boxes=args.wbc_boxes,
             max_misfit=args.max_misfit,
-            overlays=args.overlays / f"shifts{shifts}" if args.overlays and len(args.shifts) > 1 else args.overlays,
+            overlays=(args.overlays / f"{method}_shifts{shifts}".replace("+", "p")
+                      if args.overlays and len(settings) > 1 else args.overlays),
             shifts=shifts,
-            held_out=args.held_out_originals,
+            method=method,
+            originals_of=args.originals,
         )
-        print(f"== {shifts}x{shifts} shifted copies; layer {result['target_layer']}; prediction: "
+        print(f"== {method}, {shifts}x{shifts} shifted copies; layer {result['target_layer']}; prediction: "
               f"{result['prediction']}; images: {result['images_measured']}")
         report(result)
-    # One setting: its figures, as before; several: each under its number of shifts.
-    output = results[args.shifts[0]]
-    if len(args.shifts) > 1:
-        output = {"by_shifts": {str(k): v for k, v in results.items()}}
+    # One setting: its figures; several: each under "method, kxk".
+    output = results[name] if len(settings) == 1 else {"by_setting": results}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(output, indent=2) + "\n", encoding="utf-8")
