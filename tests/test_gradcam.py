@@ -76,26 +76,35 @@ def test_a_nested_base_model_is_explained_at_its_output():
     assert heatmap.shape == (7, 7) and 0.0 <= heatmap.min() <= heatmap.max() <= 1.0
 
 
-def test_heatmap_is_the_class_activation_map_of_the_logit():
-    """For pooling + softmax Dense, Grad-CAM of the logit is exactly CAM: ReLU(sum_k w_kc A_k), scaled to peak 1.
-    This checks the gradient (of the pre-softmax score), the channel weights (spatial mean) and the ReLU."""
+def pooling_dense_model(seed: int, image_seed: int):
+    """A conv layer (7x7x6 maps), global pooling and a softmax Dense layer; a random image; the maps and the
+    Dense kernel read straight from the model, for the closed forms below."""
     import keras
     from keras import layers
 
-    keras.utils.set_random_seed(3)
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input((224, 224, 3))
     features = layers.Conv2D(6, 9, strides=32, padding="same", activation="relu", name="features")(inputs)
     dense = layers.Dense(4, activation="softmax")
     model = keras.Model(inputs, dense(layers.GlobalAveragePooling2D()(features)))
-    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3)).astype(np.uint8)
-    maps = keras.Model(inputs, features).predict_on_batch(image[None].astype(np.float32))[0]
-    kernel = keras.ops.convert_to_numpy(dense.kernel)
+    image = np.random.default_rng(image_seed).integers(0, 256, (224, 224, 3)).astype(np.uint8)
+    maps = keras.Model(inputs, features).predict_on_batch(image[None].astype(np.float32))[0].astype(np.float64)
+    kernel = keras.ops.convert_to_numpy(dense.kernel).astype(np.float64)
+    return model, image, maps, kernel
+
+
+def scaled_to_peak_one(cam: np.ndarray) -> np.ndarray:
+    return cam / cam.max() if cam.max() > 0 else cam
+
+
+def test_heatmap_is_the_class_activation_map_of_the_logit():
+    """For pooling + softmax Dense, Grad-CAM of the logit is exactly CAM: ReLU(sum_k w_kc A_k), scaled to peak 1.
+    This checks the gradient (of the pre-softmax score), the channel weights (spatial mean) and the ReLU."""
+    model, image, maps, kernel = pooling_dense_model(seed=3, image_seed=0)
     explainer = gradcam.GradCam(model)
     for class_index in range(4):
-        cam = np.maximum(maps @ kernel[:, class_index], 0)
-        expected = cam / cam.max() if cam.max() > 0 else cam
+        expected = scaled_to_peak_one(np.maximum(maps @ kernel[:, class_index], 0))
         np.testing.assert_allclose(explainer.compute_heatmap(image, class_index), expected, atol=1e-5)
-
 
 
 def test_gradcam_plus_plus_follows_its_closed_form_behind_pooling_and_dense():
@@ -103,25 +112,14 @@ def test_gradcam_plus_plus_follows_its_closed_form_behind_pooling_and_dense():
     Grad-CAM++'s alpha is 1 / (2 + S_k g_k) with S_k the channel's summed activation, and its channel weight is
     h*w*relu(g_k)*alpha: only channels with a positive weight for the class count. This checks the formula, the
     positive part and the ReLU against the features read straight from the model."""
-    import keras
-    from keras import layers
-
-    keras.utils.set_random_seed(5)
-    inputs = keras.Input((224, 224, 3))
-    features = layers.Conv2D(6, 9, strides=32, padding="same", activation="relu", name="features")(inputs)
-    dense = layers.Dense(4, activation="softmax")
-    model = keras.Model(inputs, dense(layers.GlobalAveragePooling2D()(features)))
-    image = np.random.default_rng(1).integers(0, 256, (224, 224, 3)).astype(np.uint8)
-    maps = keras.Model(inputs, features).predict_on_batch(image[None].astype(np.float32))[0].astype(np.float64)
-    kernel = keras.ops.convert_to_numpy(dense.kernel).astype(np.float64)
+    model, image, maps, kernel = pooling_dense_model(seed=5, image_seed=1)
     explainer = gradcam.GradCam(model)
     positions = maps.shape[0] * maps.shape[1]
     differs = False
     for class_index in range(4):
         g = kernel[:, class_index] / positions
         weights = positions * np.maximum(g, 0) / (2 + maps.sum(axis=(0, 1)) * g)
-        cam = np.maximum(maps @ weights, 0)
-        expected = cam / cam.max() if cam.max() > 0 else cam
+        expected = scaled_to_peak_one(np.maximum(maps @ weights, 0))
         heatmap = explainer.compute_heatmap(image, class_index, method="gradcam++")
         np.testing.assert_allclose(heatmap, expected, atol=1e-4)
         differs |= not np.allclose(heatmap, explainer.compute_heatmap(image, class_index), atol=1e-3)

@@ -236,42 +236,57 @@ def write(model_path: Path, fitted: dict, record: dict) -> Path:
     return npz
 
 
+def image_sets(classifier, kaggle_dir: Path, sources: Path, pbc_dir: Path | None, pbc_split: Path) -> dict:
+    """{"kaggle": (train, validation), "pbc": (train, validation)}: Kaggle TRAIN split by source photo with the
+    model's own fraction and seed, and PBC's train/validation rows (when pbc_dir is given)."""
+    from training.evaluate import split_rows
+
+    labels = classifier.labels
+    fraction, split_seed = split_settings(classifier.metadata)
+    sets = {"kaggle": kaggle_split(kaggle_dir, labels, sources, fraction, split_seed)}
+    if pbc_dir:
+        sets["pbc"] = (split_rows(pbc_dir, pbc_split, "train", labels),
+                       split_rows(pbc_dir, pbc_split, "validation", labels))
+    return sets
+
+
+def gather_outputs(classifier, sets: dict, *, seed: int, batch_size: int, cache_dir: Path | None) -> dict:
+    """The model's outputs over image_sets(): pooled features of the training images (one seeded view each), raw
+    probabilities and features of the validation images, their targets and which set each came from."""
+    parts: dict[str, list] = {key: [] for key in ("train_features", "train_targets", "val_raw", "val_features",
+                                                  "val_targets", "val_domains")}
+    for name, (train_set, val_set) in sets.items():
+        _, features = model_outputs(classifier, train_set.paths, one_view_seed=seed, batch_size=batch_size,
+                                    cache_dir=cache_dir, label=f"{name}_train")
+        parts["train_features"].append(features)
+        parts["train_targets"].append(np.asarray(train_set.targets))
+        raw, features = model_outputs(classifier, val_set.paths, batch_size=batch_size, cache_dir=cache_dir,
+                                      label=f"{name}_validation")
+        parts["val_raw"].append(raw)
+        parts["val_features"].append(features)
+        parts["val_targets"].append(np.asarray(val_set.targets))
+        parts["val_domains"].append(np.full(len(val_set.paths), name))
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import datetime as dt
 
     from hematovision.classifier import load_classifier
-    from training.evaluate import split_rows
 
     classifier = load_classifier(args.model)
-    labels = classifier.labels
     fraction, split_seed = split_settings(classifier.metadata)
-    kaggle_train, kaggle_val = kaggle_split(args.kaggle_dir, labels, args.sources, fraction, split_seed)
-    sets = {"kaggle": (kaggle_train, kaggle_val)}
-    if args.pbc_dir:
-        sets["pbc"] = (split_rows(args.pbc_dir, args.pbc_split, "train", labels),
-                       split_rows(args.pbc_dir, args.pbc_split, "validation", labels))
+    sets = image_sets(classifier, args.kaggle_dir, args.sources, args.pbc_dir, args.pbc_split)
+    kaggle_train, kaggle_val = sets["kaggle"]
     print(f"model {args.model} ({classifier.runtime}), views {classifier.metadata.get('test_time_views', 1)}; "
           + ", ".join(f"{name}: {len(t.paths)} train / {len(v.paths)} validation" for name, (t, v) in sets.items()),
           flush=True)
+    outputs = gather_outputs(classifier, sets, seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir)
 
-    train_features, train_targets, val_raw, val_features, val_targets, val_domains = [], [], [], [], [], []
-    for name, (train_set, val_set) in sets.items():
-        _, features = model_outputs(classifier, train_set.paths, one_view_seed=args.seed,
-                                    batch_size=args.batch_size, cache_dir=args.cache_dir, label=f"{name}_train")
-        train_features.append(features)
-        train_targets.append(np.asarray(train_set.targets))
-        raw, features = model_outputs(classifier, val_set.paths, batch_size=args.batch_size,
-                                      cache_dir=args.cache_dir, label=f"{name}_validation")
-        val_raw.append(raw)
-        val_features.append(features)
-        val_targets.append(np.asarray(val_set.targets))
-        val_domains.append(np.full(len(val_set.paths), name))
-
-    fitted = fit(np.concatenate(train_features), np.concatenate(train_targets), np.concatenate(val_raw),
-                 np.concatenate(val_targets), np.concatenate(val_features), np.concatenate(val_domains),
-                 components=args.components, distance_rate=args.distance_rate,
-                 confidence_rate=args.confidence_rate, calibration=args.calibration)
+    fitted = fit(outputs["train_features"], outputs["train_targets"], outputs["val_raw"], outputs["val_targets"],
+                 outputs["val_features"], outputs["val_domains"], components=args.components,
+                 distance_rate=args.distance_rate, confidence_rate=args.confidence_rate, calibration=args.calibration)
     print(f"temperature {fitted['temperature']} (one temperature: "
           f"{fitted['single_temperature']:.4f}); min_probability {fitted['min_probability']:.4f}; "
           f"max_distance {fitted['max_distance']:.3f}")

@@ -105,33 +105,16 @@ def main(argv=None) -> dict:
 
     from hematovision.classifier import load_classifier, metadata_path_for
     from hematovision.datasets import load_arrays
-    from training.evaluate import split_rows
-    from training.fit_abstention import kaggle_split, model_outputs, split_settings
+    from training.fit_abstention import gather_outputs, image_sets
 
     out = args.out
     classifier = load_classifier(args.model)
     labels = classifier.labels
-    fraction, split_seed = split_settings(classifier.metadata)
-    kaggle_train, kaggle_val = kaggle_split(args.kaggle_dir, labels, args.sources, fraction, split_seed)
-    sets = {"kaggle": (kaggle_train, kaggle_val)}
-    if args.pbc_dir:
-        sets["pbc"] = (split_rows(args.pbc_dir, args.pbc_split, "train", labels),
-                       split_rows(args.pbc_dir, args.pbc_split, "validation", labels))
-    train_features, train_targets, val_raw, val_features, val_targets, val_domains = [], [], [], [], [], []
-    for name, (train_set, val_set) in sets.items():
-        _, features = model_outputs(classifier, train_set.paths, one_view_seed=args.seed,
-                                    batch_size=args.batch_size, cache_dir=args.cache_dir, label=f"{name}_train")
-        train_features.append(features)
-        train_targets.append(np.asarray(train_set.targets))
-        raw, features = model_outputs(classifier, val_set.paths, batch_size=args.batch_size,
-                                      cache_dir=args.cache_dir, label=f"{name}_validation")
-        val_raw.append(raw)
-        val_features.append(features)
-        val_targets.append(np.asarray(val_set.targets))
-        val_domains.append(np.full(len(val_set.paths), name))
-    x_train, y_train = np.concatenate(train_features), np.concatenate(train_targets)
-    val_raw, x_val = np.concatenate(val_raw), np.concatenate(val_features)
-    y_val, domains = np.concatenate(val_targets), np.concatenate(val_domains)
+    sets = image_sets(classifier, args.kaggle_dir, args.sources, args.pbc_dir, args.pbc_split)
+    kaggle_train = sets["kaggle"][0]
+    outputs = gather_outputs(classifier, sets, seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir)
+    x_train, y_train = outputs["train_features"], outputs["train_targets"]
+    val_raw, x_val, y_val, domains = (outputs[k] for k in ("val_raw", "val_features", "val_targets", "val_domains"))
 
     lda = fit_discriminant(x_train, y_train, len(labels))
     kernel, bias = linear_weights(lda)
