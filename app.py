@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from flask import Flask
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from flask_wtf.csrf import CSRFProtect
 
-from hematovision import api, batch, csrf, gradcam, pages, web
+from hematovision import api, batch, errors, gradcam, pages, web
 from hematovision.classifier import ModelLoadError, load_classifier
 
 ROOT = Path(__file__).resolve().parent
@@ -24,14 +24,23 @@ DEFAULT_MODEL_PATH = ROOT / "model" / "blood_cell_model.h5"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 
+# Every form POST must carry {{ csrf_token() }}: a signed copy of a secret kept in the session cookie, which
+# another site can neither read nor set. The JSON API keeps no cookies and is exempt.
+csrf = CSRFProtect()
+csrf.exempt(api.bp)
+
 
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the app: defaults, then FLASK_* environment variables, then `test_config`."""
     app = Flask(__name__)
     app.config.from_mapping(
-        # Signs the session cookie that carries the CSRF nonce (hematovision/csrf.py). Random per start unless
+        # Signs the session cookie that carries the CSRF secret, and the forms' tokens. Random per start unless
         # FLASK_SECRET_KEY is set: set it when several processes serve, or forms break across a restart.
         SECRET_KEY=os.urandom(32).hex(),
+        SESSION_COOKIE_SAMESITE="Lax",  # the one cookie: HttpOnly (Flask's default) and not sent by other sites
+        WTF_CSRF_TIME_LIMIT=8 * 3600,  # seconds: a form left open for a working day still submits
+        # The token is the whole check: no Referer test on HTTPS, since the pages send Referrer-Policy: no-referrer.
+        WTF_CSRF_SSL_STRICT=False,
         MODEL_PATH=str(DEFAULT_MODEL_PATH),
         MAX_CONTENT_LENGTH=16 * 1024 * 1024,
         MAX_IMAGE_PIXELS=40_000_000,
@@ -62,13 +71,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.request_class = web.InMemoryRequest  # uploads never touch the disk
     app.register_blueprint(web.bp)
     app.register_blueprint(pages.bp)
-    app.register_error_handler(RequestEntityTooLarge, web.handle_too_large)
-    app.register_error_handler(404, web.handle_not_found)
-    app.register_error_handler(405, web.handle_method_not_allowed)
-    app.register_error_handler(500, web.handle_server_error)
-    app.register_error_handler(HTTPException, web.handle_http_error)  # any other 4xx/5xx
-    api.init_app(app)  # after the page error handlers: it gives /api/ paths JSON versions of them
-    csrf.init_app(app)  # HTML form POSTs need {{ csrf_token() }}; /api/ is exempt
+    app.register_blueprint(api.bp)
+    errors.init_app(app)  # JSON under /api/, pages elsewhere
+    csrf.init_app(app)
     app.after_request(web.add_security_headers)
     return app
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from hematovision import fast_runtime
 from hematovision.abstention import AbstentionRule, FeatureDensity, Temperature
+from hematovision.fast_runtime import sha256_of, with_features
 from hematovision.imaging import IMAGE_SIZE
 
 RUNTIMES = ("tflite", "tf.function")  # tflite: hematovision.fast_runtime; tf.function: the Keras graph itself
@@ -58,6 +61,7 @@ class Classifier:
 
     metadata: dict
     path: Path
+    sha256: str = ""  # of the .h5 file, read once at load (the calibration and the .tflite are checked against it)
     _call: object = field(default=None, repr=False)  # float32 batch -> (probabilities, features or None)
     runtime: str = "tf.function"  # the runtime actually in use (tflite falls back to tf.function, logged)
     calibration: Temperature = field(default_factory=Temperature)
@@ -69,7 +73,7 @@ class Classifier:
     @property
     def model(self):
         """The Keras model itself (Grad-CAM, tests). With a fresh TFLite file it is loaded on first use only:
-        serving then never imports TensorFlow, which alone takes ~4 s of a 2-core machine's start-up."""
+        serving then never imports TensorFlow, the slowest part of a start-up."""
         if self._model is None:
             with self._model_lock:
                 if self._model is None:
@@ -155,8 +159,6 @@ def load_classifier(
         labels = metadata["labels"]
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"Model metadata {meta_path} is unreadable or has no 'labels': {exc}") from exc
-    from hematovision.fast_runtime import sha256_of
-
     model_sha = sha256_of(model_path)  # once: the calibration and the .tflite stamp are both checked against it
     calibration, rule = read_calibration(metadata, model_path, model_sha)
     if runtime == "tflite":
@@ -168,9 +170,9 @@ def load_classifier(
     if runtime == "tflite":
         call = _fast_call(model, model_path, pool_size, num_threads)
         if call is not None:
-            return Classifier(metadata=metadata, path=model_path, _call=call, runtime="tflite",
+            return Classifier(metadata=metadata, path=model_path, sha256=model_sha, _call=call, runtime="tflite",
                               calibration=calibration, rule=rule, _model=model)
-    return Classifier(metadata=metadata, path=model_path, _call=_compile_call(model),
+    return Classifier(metadata=metadata, path=model_path, sha256=model_sha, _call=_compile_call(model),
                       calibration=calibration, rule=rule, _model=model)
 
 
@@ -192,8 +194,6 @@ def _from_fresh_tflite(model_path: Path, model_sha: str, metadata: dict, pool_si
                        calibration: Temperature, rule: AbstentionRule) -> Classifier | None:
     """Serve from the exported .tflite when its stamp says it was derived from this very .h5 (sha256): no
     TensorFlow needed. None (logged) when it is missing, stale or unusable: then the .h5 is loaded and converted."""
-    from hematovision import fast_runtime
-
     content = fast_runtime.read_fresh_tflite(model_path, model_sha)
     if content is None:
         return None
@@ -204,8 +204,8 @@ def _from_fresh_tflite(model_path: Path, model_sha: str, metadata: dict, pool_si
         logging.getLogger(__name__).warning("Exported TFLite model unusable, converting the .h5 again: %s", exc)
         return None
     check_outputs(probabilities.shape[-1], metadata["labels"])
-    return Classifier(metadata=metadata, path=model_path, _call=pool, runtime="tflite", calibration=calibration,
-                      rule=rule)
+    return Classifier(metadata=metadata, path=model_path, sha256=model_sha, _call=pool, runtime="tflite",
+                      calibration=calibration, rule=rule)
 
 
 def read_calibration(metadata: dict, model_path: Path, model_sha: str) -> tuple[Temperature, AbstentionRule]:
@@ -248,23 +248,6 @@ def read_calibration(metadata: dict, model_path: Path, model_sha: str) -> tuple[
     return temperature, rule
 
 
-def feature_output(model):
-    """The pooled penultimate features: the output of the layer named "pool" (hematovision.network), else the
-    input of the last (classifying) layer."""
-    names = [layer.name for layer in model.layers]
-    if "pool" in names:
-        return model.get_layer("pool").output
-    return model.layers[-1].input
-
-
-def with_features(model):
-    """The same graph with a second output, the pooled features: (probabilities, features)."""
-    import keras
-
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # a list of one makes Keras warn per call
-    return keras.Model(inputs, [model.outputs[0], feature_output(model)], name=f"{model.name}_with_features")
-
-
 def _fast_call(model, model_path: Path, pool_size: int, num_threads: int | None):
     """The TFLite interpreter pool for this .h5, or None (logged) when it cannot be had: then the
     tf.function path serves the same model, only slower."""
@@ -272,8 +255,6 @@ def _fast_call(model, model_path: Path, pool_size: int, num_threads: int | None)
 
     if keras.backend.backend() != "tensorflow":
         return None
-    from hematovision import fast_runtime
-
     try:
         content = fast_runtime.load_or_convert(model_path, model)
         pool = fast_runtime.InterpreterPool(content, size=pool_size, num_threads=num_threads)
@@ -284,8 +265,8 @@ def _fast_call(model, model_path: Path, pool_size: int, num_threads: int | None)
 
 
 def _compile_call(model):
-    """A traced inference function: model.predict() costs ~66 ms for one image and eager model(x) ~120 ms
-    on a 2-core CPU; a tf.function of the same graph runs in a fraction of that."""
+    """A traced inference function: for one image at a time it is much faster than model.predict() or an eager
+    model(x) call, which pay for their set-up on every call (bench/bench_predict.py measures all three)."""
     import keras
 
     both = with_features(model)
@@ -302,3 +283,19 @@ def _compile_call(model):
         return probabilities.numpy(), features.numpy()
 
     return call
+
+
+# An absolute path of the machine the model was trained on (/tmp/..., /home/..., C:\...), not a URL or a fraction.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:/|~/|[A-Za-z]:[\\/])[^\s'\",;()\[\]]+")
+
+
+def public_metadata(value):
+    """The metadata (or any part of it) with each absolute path of the training machine cut to its last part:
+    `--data-dir /tmp/kaggle` becomes `--data-dir kaggle`. Relative paths (of this repository) stay."""
+    if isinstance(value, dict):
+        return {key: public_metadata(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [public_metadata(item) for item in value]
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda match: re.split(r"[\\/]", match.group(0).rstrip("\\/"))[-1], value)
+    return value

@@ -3,11 +3,13 @@
 The .h5 stays the source of truth. `export_tflite` converts it and writes `<model>.tflite` next to it, with
 `<model>.tflite.json` recording the sha256 of the .h5 it came from (and of the .tflite itself). At start-up
 `load_or_convert` uses the .tflite only when both hashes still match; otherwise it converts again from the .h5
-(about 10 s for MobileNetV2 on 2 cores) and tries to rewrite the pair, so a stale file is never used.
+(which needs TensorFlow and is the slow part of a start-up) and tries to rewrite the pair, so a stale file is
+never used.
 
 The .tflite has two outputs, the probabilities and the pooled penultimate features (for the abstention rule,
 hematovision.abstention); the features are an intermediate tensor of the same graph, so they cost nothing. A
-.tflite exported before it had them (its stamp lists no `outputs`) counts as stale.
+.tflite exported before it had them (its stamp lists no `outputs`) counts as stale. `with_features` builds that
+two-output graph; the tf.function runtime (hematovision.classifier) serves the same one.
 
     python -m hematovision.fast_runtime [model/blood_cell_model.h5]     # the export step
 
@@ -33,12 +35,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# A batch runs as one invoke per image on an interpreter allocated for batch 1, never resized: measured on
-# 2 cores (under load), one invoke of batch 8 took 137 ms against 53 ms for 8 invokes of batch 1, and each
-# resize_tensor_input + allocate_tensors (XNNPACK re-prepares the graph) cost as much as a batch.
+# A batch runs as one invoke per image on an interpreter allocated for batch 1, never resized: on a CPU, one
+# invoke of a batch of 8 was slower than 8 invokes of one image, and each resize_tensor_input + allocate_tensors
+# (XNNPACK prepares the graph again) costs as much as running a batch.
 
 
 OUTPUTS = ["probabilities", "features"]  # the exported graph's outputs, in this order (recorded in the stamp)
+SUFFIX = ".tflite"  # <model>.tflite next to <model>.h5, and its stamp <model>.tflite.json
 
 
 class FastRuntimeError(RuntimeError):
@@ -46,11 +49,11 @@ class FastRuntimeError(RuntimeError):
 
 
 def tflite_path_for(model_path: str | Path) -> Path:
-    return Path(model_path).with_suffix(".tflite")
+    return Path(model_path).with_suffix(SUFFIX)
 
 
 def stamp_path_for(model_path: str | Path) -> Path:
-    return Path(model_path).with_suffix(".tflite.json")
+    return Path(model_path).with_suffix(SUFFIX + ".json")
 
 
 def sha256_of(data_or_path: bytes | str | Path) -> str:
@@ -65,7 +68,7 @@ def sha256_of(data_or_path: bytes | str | Path) -> str:
 
 def convert_keras_model(model) -> bytes:
     """Keras model -> float32 TFLite flatbuffer (no quantisation: probabilities must match the .h5). Pass
-    `serving_model(model)` to get the probabilities and the features."""
+    `with_features(model)` to get the probabilities and the features."""
     import tensorflow as tf
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
@@ -120,11 +123,21 @@ def write_tflite(model_path: str | Path, content: bytes, source_sha: str) -> Pat
     return tflite_file
 
 
-def serving_model(model):
-    """The graph that is exported: the model with its pooled features as a second output (see OUTPUTS)."""
-    from hematovision.classifier import with_features
+def feature_output(model):
+    """The pooled penultimate features: the output of the layer named "pool" (hematovision.network), else the
+    input of the last (classifying) layer."""
+    names = [layer.name for layer in model.layers]
+    if "pool" in names:
+        return model.get_layer("pool").output
+    return model.layers[-1].input
 
-    return with_features(model)
+
+def with_features(model):
+    """The graph that is served and exported: the model with its pooled features as a second output (OUTPUTS)."""
+    import keras
+
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # a list of one makes Keras warn per call
+    return keras.Model(inputs, [model.outputs[0], feature_output(model)], name=f"{model.name}_with_features")
 
 
 def load_or_convert(model_path: str | Path, model, *, write: bool = True) -> bytes:
@@ -134,7 +147,7 @@ def load_or_convert(model_path: str | Path, model, *, write: bool = True) -> byt
     content = read_fresh_tflite(model_path, source_sha)
     if content is not None:
         return content
-    content = convert_keras_model(serving_model(model))
+    content = convert_keras_model(with_features(model))
     if write:
         try:
             write_tflite(model_path, content, source_sha)
@@ -241,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
 
     model = keras.models.load_model(args.model, compile=False)
-    content = convert_keras_model(serving_model(model))
+    content = convert_keras_model(with_features(model))
     path = write_tflite(args.model, content, sha256_of(args.model))
     print(f"wrote {path} ({len(content) / 1e6:.1f} MB) and {stamp_path_for(args.model)}")
     return 0

@@ -31,14 +31,15 @@ from PIL import Image
 
 from hematovision.imaging import IMAGE_SIZE
 
-# Shifted copies per axis for the app's heatmap. Chosen on the 41 boxed validation photos the model never trained on
-# (training/measure_gradcam.py --held-out-originals): peak in the white cell's box for 1, 2, 3, 4 shifts: 25, 31,
-# 31, 32 with Grad-CAM; 30, 31, 33, 32 with Grad-CAM++ (4 kept: one photo apart is noise).
+# Shifted copies per axis for the app's heatmap. Chosen on the boxed validation photos the model never trained on
+# (training/measure_gradcam.py --held-out-originals, which writes model/gradcam_validation.json): with shifts the
+# heatmap's peak lands in the white cell's box at least as often as with the plain map, and more shifts than 4
+# cost more without a clear gain.
 DEFAULT_SHIFTS = 4
 
-# How the channels are weighted (module doc). Chosen at 4x4 shifts on photos outside TEST_SIMPLE
-# (training/measure_gradcam.py): peak in the white cell's box on the 41 held-out validation photos 32 with either,
-# on the 233 other boxed photos (which the model trained on, as crops) 181 with "gradcam", 195 with "gradcam++".
+# How the channels are weighted (module doc). Chosen at 4x4 shifts on boxed photos outside TEST_SIMPLE
+# (training/measure_gradcam.py --method, which writes model/gradcam_validation.json and gradcam_trained_on.json):
+# "gradcam++" put the heatmap's peak in the white cell's box more often.
 METHODS = ("gradcam", "gradcam++")
 DEFAULT_METHOD = "gradcam++"
 
@@ -48,7 +49,7 @@ _RAMP = np.array([[20, 30, 120], [0, 170, 220], [250, 220, 40], [220, 30, 30]], 
 
 class GradCam:
     """A model split at its last spatial block, with a traced function that returns that block's output and
-    its gradient. Build it once per model; the first call traces the graph (~1 s), later ones take ~30 ms on a CPU."""
+    its gradient. Build it once per model: the first call traces the graph, which costs far more than later calls."""
 
     def __init__(self, model):
         import keras

@@ -1,21 +1,18 @@
-"""Pages beyond one upload: the batch result with its differential count, the model card, and the samples.
+"""Pages beside the upload form: the model card with its figures, and the sample images.
 
-Views stay thin: classification and counting live in hematovision.batch, the single result in hematovision.web.
+Views stay thin: a sample's result is the same page as an upload's (hematovision.web).
 """
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
-from flask import Blueprint, abort, current_app, make_response, render_template, request, send_from_directory
-from werkzeug.datastructures import FileStorage
+from flask import Blueprint, abort, current_app, render_template, request, send_from_directory
 
 from hematovision import web
-from hematovision.batch import classify_files, count_differential, write_csv
+from hematovision.classifier import public_metadata
 from hematovision.imaging import decode_image
 
-BATCH_THUMBNAIL_SIDE = 96
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "static" / "samples"
 # One image per class, shipped in static/samples; the form can only name one of these.
 SAMPLES = {
@@ -36,7 +33,7 @@ def model_card():
     classifier = web.get_classifier()
     return render_template(
         "model.html",
-        meta=classifier.metadata,
+        meta=public_metadata(classifier.metadata),
         labels=classifier.labels,
         figures=[(name, describe_figure(name)) for name in list_model_figures(classifier.path)],
         model_file=classifier.path.name,
@@ -70,39 +67,7 @@ def offer_samples():
     return {"samples": [(name, filename) for name, filename in SAMPLES.items() if (SAMPLES_DIR / filename).is_file()]}
 
 
-# --- helpers used by hematovision.web ------------------------------------------------------------------
-
-
-def render_batch(uploads: list[FileStorage]):
-    """The result page for several files posted to /predict at once."""
-    max_files = int(current_app.config["MAX_BATCH_FILES"])
-    if len(uploads) > max_files:
-        return web.render_home(f"Too many files: {len(uploads)}. You can send up to {max_files} at once.", 413)
-    classifier = web.get_classifier()
-    threshold = classifier.min_probability(web.uncertain_below())
-    results = classify_files(
-        classifier,
-        [(upload.filename or "(no name)", upload.read()) for upload in uploads],
-        max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
-        uncertain_below=web.uncertain_below(),
-        thumbnail_side=BATCH_THUMBNAIL_SIDE,
-    )
-    rows = [(r, *web.encode_thumbnail(r.thumbnail, BATCH_THUMBNAIL_SIDE)) for r in results if r.ok]
-    csv_text = write_csv(results, classifier.labels)
-    current_app.logger.info("Batch: %d files, %d classified", len(results), sum(r.ok for r in results))
-    response = make_response(
-        render_template(
-            "batch.html",
-            rows=rows,
-            differential=count_differential(results, classifier.labels),
-            threshold=threshold,
-            distance_rule=classifier.rule.tests_distance,
-            csv_uri="data:text/csv;charset=utf-8;base64," + base64.b64encode(csv_text.encode("utf-8")).decode(),
-            shorten=web.shorten,
-        )
-    )
-    response.headers["Cache-Control"] = "no-store"  # the page embeds the person's images
-    return response
+# --- helpers -----------------------------------------------------------------------------------------
 
 
 def list_model_figures(model_path: Path) -> list[str]:

@@ -1,6 +1,7 @@
-"""The web pages: upload form, prediction result, error pages, and the helpers the views lean on.
+"""The upload form and its results (one image, or several: the batch page), and the helpers the views lean on.
 
-Views stay thin: image checks live in hematovision.imaging, the model in hematovision.classifier.
+Views stay thin: image checks live in hematovision.imaging, the model in hematovision.classifier, classifying and
+counting a batch in hematovision.batch. Error answers are hematovision.errors'; the other pages hematovision.pages'.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 from flask import Blueprint, Request, current_app, make_response, redirect, render_template, request, url_for
 from PIL import Image
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.datastructures import FileStorage
 from werkzeug.wrappers import Response
 
 from hematovision import gradcam
 from hematovision.abstention import REASON_SHORT, REASONS
+from hematovision.batch import classify_files, count_differential, write_csv
 from hematovision.classifier import Classifier
 from hematovision.imaging import ImageRejected, decode_image, to_model_input
 
 EXTENSION_KEY = "hematovision"
 GRADCAM_KEY = "hematovision.gradcam"
 THUMBNAIL_MAX_SIDE = 448
+BATCH_THUMBNAIL_SIDE = 96
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -72,8 +75,6 @@ def predict_form():
 def predict():
     uploads = [upload for upload in request.files.getlist("file") if upload.filename]
     if len(uploads) > 1:
-        from hematovision.pages import render_batch  # here, not at the top: pages imports this module
-
         return render_batch(uploads)
     upload = request.files.get("file")
     if upload is None:
@@ -92,8 +93,8 @@ def predict():
 
 
 def render_prediction(image: Image.Image, filename: str, explain: bool = False):
-    """The result page for one decoded image (an upload or a sample). The Grad-CAM overlay costs more than the
-    prediction itself (~40 ms against ~10 ms), so it is computed only when the person asks for it."""
+    """The result page for one decoded image (an upload or a sample). The Grad-CAM overlay costs several times
+    the prediction itself (bench/results/bench_predict.json), so it is computed only when the person asks for it."""
     classifier = get_classifier()
     model_input = to_model_input(image)
     assessment = classifier.assess(model_input[None], min_probability=uncertain_below())
@@ -139,7 +140,7 @@ def explain_prediction(image: Image.Image, model_input: np.ndarray, class_index:
     """A Grad-CAM overlay at the thumbnail's `size` as a JPEG data: URI, or None if this model cannot be explained.
     Only the single-image page pays for it, when its box is ticked (bench/results/bench_predict.json); the batch
     page and the API do not. The first call after start-up also loads Keras and the .h5, which serving with TFLite
-    skipped, and traces the graph: ~5 s once."""
+    skipped, and traces the graph: it takes seconds, once."""
     try:
         explainer = current_app.extensions.get(GRADCAM_KEY)
         if explainer is None:
@@ -158,6 +159,37 @@ def render_home(error: str | None = None, status: int = 200):
     max_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
     labels = get_classifier().labels
     return render_template("index.html", error=error, labels=labels, max_upload_mb=f"{max_mb:g}"), status
+
+
+def render_batch(uploads: list[FileStorage]):
+    """The result page for several files posted to /predict at once: one row each, and the differential count."""
+    max_files = int(current_app.config["MAX_BATCH_FILES"])
+    if len(uploads) > max_files:
+        return render_home(f"Too many files: {len(uploads)}. You can send up to {max_files} at once.", 413)
+    classifier = get_classifier()
+    results = classify_files(
+        classifier,
+        [(upload.filename or "(no name)", upload.read()) for upload in uploads],
+        max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
+        uncertain_below=uncertain_below(),
+        thumbnail_side=BATCH_THUMBNAIL_SIDE,
+    )
+    rows = [(r, *encode_thumbnail(r.thumbnail, BATCH_THUMBNAIL_SIDE)) for r in results if r.ok]
+    csv_text = write_csv(results, classifier.labels)
+    current_app.logger.info("Batch: %d files, %d classified", len(results), sum(r.ok for r in results))
+    response = make_response(
+        render_template(
+            "batch.html",
+            rows=rows,
+            differential=count_differential(results, classifier.labels),
+            threshold=classifier.min_probability(uncertain_below()),
+            distance_rule=classifier.rule.tests_distance,
+            csv_uri="data:text/csv;charset=utf-8;base64," + base64.b64encode(csv_text.encode("utf-8")).decode(),
+            shorten=shorten,
+        )
+    )
+    response.headers["Cache-Control"] = "no-store"  # the page embeds the person's images
+    return response
 
 
 def rank_classes(labels: list[str], probabilities: np.ndarray) -> list[ClassScore]:
@@ -184,37 +216,7 @@ def shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def render_error_page(status: int, title: str, message: str):
-    return render_template("error.html", status=status, title=title, message=message), status
-
-
-# --- error handlers and headers (registered by create_app) -------------------------------------------
-
-
-def handle_too_large(error: HTTPException):
-    max_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
-    return render_home(f"The file is too large. The limit is {max_mb:g} MB.", 413)
-
-
-def handle_not_found(error: HTTPException):
-    return render_error_page(404, "Page not found", "There is no page at this address.")
-
-
-def handle_method_not_allowed(error: MethodNotAllowed):
-    body, status = render_error_page(405, "Not allowed", "This page cannot be used that way.")
-    response = make_response(body, status)
-    if error.valid_methods:
-        response.headers["Allow"] = ", ".join(error.valid_methods)  # keep what HTTP requires of a 405
-    return response
-
-
-def handle_server_error(error: HTTPException):
-    # Flask has already logged the original exception with its traceback; the visitor sees none of it.
-    return render_error_page(500, "Something went wrong", "The server could not finish your request.")
-
-
-def handle_http_error(error: HTTPException):
-    return render_error_page(error.code or 500, error.name, "The server could not handle this request.")
+# --- headers (registered by create_app) ---------------------------------------------------------------
 
 
 def add_security_headers(response: Response) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ from flask.testing import FlaskClient
 from PIL import Image
 
 from app import create_app
-from hematovision import csrf
 
+TOKEN_RE = re.compile(r'<input type="hidden" name="csrf_token" value="([^"]+)">')
 LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
 
@@ -37,17 +38,24 @@ def make_image(fmt: str = "PNG", mode: str = "RGB", size: tuple[int, int] = (320
 
 
 class CsrfClient(FlaskClient):
-    """A test client that sends the CSRF token as a browser's form would, on every POST outside /api/.
+    """A test client that sends the CSRF token as a browser's form would, on every POST outside /api/: it loads
+    the home page once, as a browser does before it can post, and keeps the form's token (and the session cookie).
     Tests of the CSRF check itself use a plain FlaskClient (see tests/test_csrf.py)."""
 
+    _token: str | None = None
+
     def csrf_token(self) -> str:
-        with self.session_transaction() as session:
-            return csrf.generate_token(session, self.application)
+        if self._token is None:
+            page = super().get("/").get_data(as_text=True)
+            match = TOKEN_RE.search(page)
+            assert match, "the home page form has no csrf_token field"
+            self._token = match.group(1)
+        return self._token
 
     def post(self, path="/", *args, **kwargs):
-        if isinstance(path, str) and not path.startswith(csrf.EXEMPT_PREFIXES):
+        if isinstance(path, str) and not path.startswith("/api/"):
             headers = dict(kwargs.pop("headers", None) or {})
-            headers.setdefault(csrf.HEADER, self.csrf_token())
+            headers.setdefault("X-CSRF-Token", self.csrf_token())
             kwargs["headers"] = headers
         return super().post(path, *args, **kwargs)
 

@@ -1,4 +1,5 @@
-"""CSRF protection of the HTML forms, through a plain test client that behaves like a browser (or an attacker)."""
+"""CSRF protection of the HTML forms (Flask-WTF's CSRFProtect), through a plain test client that behaves like a
+browser (or an attacker)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import create_app
-from hematovision import csrf
-
-TOKEN_RE = re.compile(r'<input type="hidden" name="csrf_token" value="([^"]+)">')
+from tests.conftest import TOKEN_RE
 
 
 @pytest.fixture
@@ -62,7 +61,7 @@ def test_token_in_header_is_accepted(browser, make_image):
         "/predict",
         data={"file": (io.BytesIO(make_image()), "cell.png")},
         content_type="multipart/form-data",
-        headers={csrf.HEADER: token},
+        headers={"X-CSRF-Token": token},
     )
     assert response.status_code == 200
 
@@ -110,7 +109,7 @@ def test_token_from_another_secret_key_is_refused(tiny_model_path, make_image):
 
 
 def test_expired_token_is_refused(tiny_model_path, make_image):
-    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "CSRF_TIME_LIMIT": -1})
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "WTF_CSRF_TIME_LIMIT": -1})
     browser = FlaskClient(app, app.response_class, use_cookies=True)
     response = post_file(browser, make_image(), form_token(browser))
     assert response.status_code == 400
@@ -158,3 +157,20 @@ def test_csrf_refusal_has_security_headers_and_no_internals(browser, make_image)
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
     assert "Traceback" not in body and "BadSignature" not in body and ".py" not in body
+
+
+def test_the_session_is_the_only_cookie(browser, make_image):
+    post_file(browser, make_image(), form_token(browser))
+    assert [cookie.key for cookie in browser._cookies.values()] == ["session"]
+
+
+def test_https_form_post_needs_no_referer(browser, make_image):
+    """The pages send Referrer-Policy: no-referrer, so the token alone is the check (WTF_CSRF_SSL_STRICT off)."""
+    page = browser.get("/", base_url="https://localhost").get_data(as_text=True)
+    response = browser.post(
+        "/predict",
+        base_url="https://localhost",
+        data={"file": (io.BytesIO(make_image()), "cell.png"), "csrf_token": TOKEN_RE.findall(page)[0]},
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 200

@@ -164,7 +164,7 @@ def test_test_time_views_average_the_flipped_and_turned_images(tiny_model_path):
 
 def test_tflite_features_output_matches_keras(fast_classifier):
     """The .tflite's second output is the pooled penultimate features, as the Keras graph computes them."""
-    from hematovision.classifier import with_features
+    from hematovision.fast_runtime import with_features
 
     batch = random_batch(3, seed=21)
     fast_probabilities, fast_features = fast_classifier.run(batch)

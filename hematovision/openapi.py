@@ -1,0 +1,176 @@
+"""The OpenAPI 3.1 document of the JSON API (hematovision.api serves it at /api/openapi.json), written by hand."""
+
+from __future__ import annotations
+
+from hematovision.abstention import LOW_CONFIDENCE, UNLIKE_TRAINING
+
+
+def build_openapi(labels: list[str], max_files: int) -> dict:
+    """The document for a model with these `labels` and a server taking up to `max_files` files per request."""
+    error = {"$ref": "#/components/schemas/Error"}
+
+    def error_reply(text: str) -> dict:
+        return {"description": text, "content": {"application/json": {"schema": error}}}
+
+    probability = {"type": "number", "minimum": 0, "maximum": 1, "description": "Calibrated, rounded to 4 decimals"}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "HematoVision API",
+            "version": "1",
+            "summary": "Classify images of stained white blood cells into " + ", ".join(labels) + ".",
+            "description": (
+                "A research tool, not a medical device. Probabilities are calibrated (temperature scaling fitted "
+                "on validation data). `uncertain` is true when the answer is \"uncertain / not a white blood "
+                "cell\" rather than `label`, and `reason` says why: `unlike_training_cells` when the image's "
+                "features are far from every kind of training cell (it may not be a white-cell image, or comes "
+                "from another microscope or stain), `low_confidence` when the top probability is below the "
+                "model's fitted threshold (or the server's UNCERTAIN_BELOW setting). `label` is then only the "
+                "model's forced choice among its classes. Neither test is perfect: see the model card."
+            ),
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
+        "paths": {
+            "/api/predict": {
+                "post": {
+                    "operationId": "predict",
+                    "summary": "Classify one or more images",
+                    "description": (
+                        f"Send up to {max_files} images in the multipart field `file`. The model runs once on "
+                        "the whole batch. One file that is not a usable image fails the request with its own "
+                        "status; in a batch of several, it gets an error entry and the others are classified."
+                    ),
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["file"],
+                                    "properties": {
+                                        "file": {
+                                            "type": "array",
+                                            "maxItems": max_files,
+                                            "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "One result per file, in the order sent",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Results"}}},
+                        },
+                        "400": error_reply("No file, an empty file, or a damaged or multi-frame image"),
+                        "413": error_reply("The request, an image's pixel count, or the number of files is too large"),
+                        "415": error_reply("The file is not a JPEG, PNG, BMP or TIFF image"),
+                    },
+                }
+            },
+            "/api/health": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Is the server up with its model loaded",
+                    "responses": {
+                        "200": {
+                            "description": "Server status",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
+                        }
+                    },
+                }
+            },
+            "/api/model": {
+                "get": {
+                    "operationId": "model",
+                    "summary": "The model's metadata: labels, data, training recipe and figures",
+                    "description": "Paths of the machine it was trained on are cut to their last part.",
+                    "responses": {
+                        "200": {
+                            "description": "The metadata JSON written by training/train.py",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1 document",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["status", "message"],
+                            "properties": {"status": {"type": "integer"}, "message": {"type": "string"}},
+                        }
+                    },
+                },
+                "Prediction": {
+                    "type": "object",
+                    "required": ["filename", "label", "probabilities", "uncertain", "reason"],
+                    "properties": {
+                        "filename": {"type": "string"},
+                        "label": {"type": "string", "enum": list(labels)},
+                        "probabilities": {
+                            "type": "object",
+                            "properties": {label: probability for label in labels},
+                            "additionalProperties": False,
+                        },
+                        "uncertain": {"type": "boolean"},
+                        "reason": {
+                            "type": ["string", "null"],
+                            "enum": [UNLIKE_TRAINING, LOW_CONFIDENCE, None],
+                            "description": "Why the answer is uncertain; null when it is not",
+                        },
+                    },
+                },
+                "ItemError": {
+                    "type": "object",
+                    "required": ["filename", "error"],
+                    "properties": {
+                        "filename": {"type": "string"},
+                        "error": {"$ref": "#/components/schemas/Error/properties/error"},
+                    },
+                },
+                "Results": {
+                    "type": "object",
+                    "required": ["results"],
+                    "properties": {
+                        "results": {
+                            "type": "array",
+                            "items": {
+                                "oneOf": [
+                                    {"$ref": "#/components/schemas/Prediction"},
+                                    {"$ref": "#/components/schemas/ItemError"},
+                                ]
+                            },
+                        }
+                    },
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status", "model_loaded", "model_version"],
+                    "properties": {
+                        "status": {"type": "string", "const": "ok"},
+                        "model_loaded": {"type": "boolean"},
+                        "model_version": {"type": ["string", "null"]},
+                    },
+                },
+            }
+        },
+    }
