@@ -23,8 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SAMPLES = ROOT / "tests" / "data" / "samples"
 TOKEN_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def sample_jpeg() -> tuple[str, bytes]:

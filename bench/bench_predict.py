@@ -25,10 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import _common  # noqa: E402
+import _common  # bench/: the script's own folder
 
 TARGETS = {
     "model_fast_runtime_median_ms": 5.0,

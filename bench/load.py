@@ -33,12 +33,9 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
-import numpy as np  # noqa: E402
+import _common  # bench/: the script's own folder
+import numpy as np
 
 MAX_GROWTH_MB = 5.0  # fitted RSS growth over the second half of the run (by requests served)
 MIN_REQUESTS_FOR_TREND = 5000

@@ -7,7 +7,6 @@ import html
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,7 @@ from werkzeug.test import stream_encode_multipart
 
 from hematovision import gradcam
 from hematovision.imaging import prepare_bytes
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-import measure_gradcam  # noqa: E402
+from training import measure_gradcam
 
 
 @pytest.fixture(scope="module")

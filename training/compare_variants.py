@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from hematovision.datasets import list_images, load_arrays
+from training.train import DEFAULTS as TRAIN_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from hematovision.datasets import list_images, load_arrays  # noqa: E402
-from training.train import DEFAULTS as TRAIN_DEFAULTS  # noqa: E402
-
 SETS = ("kaggle_val", "pbc_val", "kaggle_test", "pbc_test")
 VIEWS = (1, 8)
 

@@ -23,15 +23,12 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DEFAULTS = {"model": ROOT / "model" / "blood_cell_model.h5", "batch_size": 64}
 KNOWN_SOURCES = [ROOT / "training" / "splits" / "kaggle_test_sources.csv"]  # used when they cover the images

@@ -20,15 +20,12 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DEFAULTS = {"model": ROOT / "model" / "blood_cell_model.h5",
             "pbc_split": ROOT / "training" / "splits" / "pbc_split.csv"}

@@ -41,21 +41,17 @@ import argparse
 import csv
 import json
 import math
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from hematovision.gradcam import DEFAULT_METHOD, DEFAULT_SHIFTS, METHODS
+from hematovision.imaging import decode_image, to_model_input
+from training.evaluate import wilson_interval
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from hematovision.gradcam import DEFAULT_METHOD, DEFAULT_SHIFTS, METHODS  # noqa: E402
-from hematovision.imaging import decode_image, to_model_input  # noqa: E402
-from training.evaluate import wilson_interval  # noqa: E402
-
 DEFAULT_MODEL = ROOT / "model" / "blood_cell_model.h5"
 DEFAULT_BOXES = ROOT / "training" / "splits" / "bccd_wbc_boxes.csv"
 SOURCE_MAP = "test_simple_to_original.csv"

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from hematovision.datasets import list_images
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from hematovision.datasets import list_images  # noqa: E402
-
 DEFAULTS = {"out": ROOT / "training" / "splits" / "pbc_split.csv", "seed": 1337, "fractions": (0.6, 0.2, 0.2)}
 SPLITS = ("train", "validation", "test")
 
