@@ -1,0 +1,211 @@
+"""Find the white blood cells in a smear photo, and cut the one canonical crop the classifier sees.
+
+No Flask, no TensorFlow: numpy, scipy.ndimage, scikit-image and Pillow only.
+
+How a white cell is found (all on a copy whose longest side is about ``WORK_SIDE`` pixels):
+
+1. Black rotation borders (max channel < ``BLACK_LEVEL``) are not slide; the background colour is the median of the
+   brightest slide pixels. Every pixel is white-balanced against it and turned into optical density (OD) per channel,
+   which removes the lab's illumination and the pale/grey/beige background.
+2. Nucleus stain: ``log(B / G)`` after white balance, i.e. OD(green) - OD(blue). Nuclei (violet, dark purple, magenta)
+   absorb green but pass blue: 0.5-1.2 in all three labs; red cells sit near 0 (pink, beige) or ~0.2 (LISC's
+   bluish red cells); background 0. Hysteresis threshold ``NUCLEUS_LOW`` / ``NUCLEUS_HIGH``, raised to stay
+   ``LEVEL_MARGIN_LOW`` / ``LEVEL_MARGIN_HIGH`` above the red cells' own median level in this image.
+3. Size reference: the red-cell radius, measured in the image, from the distance transform of the stained,
+   non-nucleus mask (holes filled: pale red-cell centres). Everything after is in units of it, so the
+   3x magnification differences between labs do not matter.
+4. Lobes of one nucleus (neutrophils: 2-5) are grouped when their gaps are below ``LOBE_GAP`` red-cell radii;
+   a group is a white cell when its nucleus area is at least ``MIN_NUCLEUS_AREA`` red-cell areas (a platelet is
+   ~0.1; a small lymphocyte's nucleus ~0.8).
+5. The whole cell (nucleus + cytoplasm estimate) is the nucleus group's box grown by ``CYTOPLASM_MARGIN``
+   red-cell radii on each side, mapped back to the given image's pixels.
+
+The canonical crop is centred on the cell box's centre, with side ``CROP_SCALE`` x the cell diameter (the larger side
+of the cell box), padded with the background colour where it leaves the photo, resized with Pillow bilinear.
+With CROP_SCALE = 2 the cell spans about half the crop: on the 372 annotated BCCD white cells the detected diameter is
+1.005x the annotated box's larger side (median; p10 0.86, p90 1.16), i.e. the true cell is 43-58% of the crop side.
+Measured by training/experiments/measure_detection.py (results/detection.json).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+from skimage import filters
+
+WORK_SIDE = 200  # detection runs on a copy with the longest side <= this (then boxes are mapped back)
+BLACK_LEVEL = 40  # max(R, G, B) below this: rotation border / outside the photo, not slide
+NUCLEUS_LOW = 0.30  # OD(G) - OD(B) hysteresis thresholds of nucleus stain
+NUCLEUS_HIGH = 0.45
+LEVEL_MARGIN_LOW = 0.15  # ... and at least this much above the red cells' own level
+LEVEL_MARGIN_HIGH = 0.25
+DENSITY_MIN = 0.15  # total OD above which a pixel is stained (a red cell), at least; Otsu decides above it
+LOBE_GAP = 0.75  # nucleus pieces closer than this many red-cell radii belong to one cell
+MIN_NUCLEUS_AREA = 0.6  # a cell's nucleus covers at least this many red-cell areas
+CYTOPLASM_MARGIN = 0.5  # the cell box is the nucleus box grown by this many red-cell radii per side
+CROP_SCALE = 2.0  # crop side = CROP_SCALE * cell diameter (larger side of the cell box): the cell is ~50% of it
+RESAMPLE = Image.Resampling.BILINEAR  # as hematovision.imaging
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One white blood cell.
+
+    box: xmin, ymin, xmax, ymax of the whole cell (nucleus + cytoplasm estimate) in the given image's pixels
+    (xmax/ymax exclusive). nucleus_area: nucleus pixels, in the given image's pixels. score: nucleus area in red-cell
+    areas (how clearly this is a white cell rather than a platelet).
+    """
+
+    box: tuple[int, int, int, int]
+    nucleus_area: int
+    score: float
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return (x0 + x1) / 2, (y0 + y1) / 2
+
+    @property
+    def diameter(self) -> int:
+        x0, y0, x1, y1 = self.box
+        return max(x1 - x0, y1 - y0)
+
+
+def downscale(rgb: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
+    """A copy with the longest side <= side: numpy striding for huge images, then Pillow's box-filter reduce."""
+    factor = math.ceil(max(rgb.shape[:2]) / side)
+    if factor <= 1:
+        return np.ascontiguousarray(rgb)
+    stride = max(1, factor // 2)  # striding first keeps a 40 MP image cheap; reduce still averages 2x2+ pixels
+    small = np.ascontiguousarray(rgb[::stride, ::stride])
+    factor = math.ceil(max(small.shape[:2]) / side)
+    return np.asarray(Image.fromarray(small).reduce(factor)) if factor > 1 else small
+
+
+def _slide(small: np.ndarray) -> np.ndarray:
+    """Pixels of the photographed slide (not black rotation borders), shrunk off the border's blurred edge."""
+    valid = small.max(axis=-1) >= BLACK_LEVEL
+    if valid.all():
+        return valid
+    return ndi.binary_erosion(valid, iterations=2, border_value=1)
+
+
+def background_colour(rgb: np.ndarray) -> np.ndarray:
+    """The empty-slide colour: median of the brightest tenth of the non-black pixels (float RGB, 3 values)."""
+    small = rgb if max(rgb.shape[:2]) <= 2 * WORK_SIDE else downscale(rgb)
+    pixels = small.reshape(-1, 3)
+    pixels = pixels[pixels.max(axis=1) >= BLACK_LEVEL]
+    if len(pixels) == 0:
+        return np.array([255.0, 255.0, 255.0])
+    brightness = pixels.astype(np.int32).sum(axis=1)
+    return np.median(pixels[brightness >= np.percentile(brightness, 90)], axis=0).astype(np.float64)
+
+
+def _red_cell_radius(stained: np.ndarray, fallback: float) -> float:
+    """Typical red-cell radius (work pixels), from the distance transform's local maxima on the stained non-nucleus
+    mask with holes filled (pale red-cell centres). Touching red cells still peak at their centres. On BCCD it reads
+    ~0.8x the radius of the annotated red-cell boxes (which include overlaps), p90/p10 spread 1.3."""
+    holes, _ = ndi.label(~stained)
+    border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    filled = stained | ~np.isin(holes, border)  # binary_fill_holes, but one labelling instead of many dilations
+    dist = ndi.distance_transform_edt(filled)
+    values = dist[(dist == ndi.maximum_filter(dist, size=5)) & (dist >= 2)]
+    if len(values) < 3:
+        return fallback
+    # Low peaks along ragged edges outnumber the red-cell centres: keep the peaks at least half the 95th percentile.
+    return float(np.median(values[values >= 0.5 * np.percentile(values, 95)]))
+
+
+def analyse(rgb: np.ndarray) -> dict | None:
+    """The detector's intermediate results on the work copy (for find_white_cells and for tuning); None: no slide."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 8:
+        return None
+    small = downscale(rgb)
+    slide = _slide(small)
+    if slide.sum() < 64:
+        return None
+    pixels = small.astype(np.float32) + 1.0
+    bright = pixels.sum(axis=-1)
+    top = bright >= np.percentile(bright[slide], 90)
+    background = np.median(pixels[slide & top], axis=0)
+    od = np.log(np.maximum(background / pixels, 1e-3))  # optical density against the empty slide
+    stain = np.where(slide, od[..., 1] - od[..., 2], 0.0)
+    density = np.where(slide, od.sum(axis=-1), 0.0)
+    seeds = stain > NUCLEUS_HIGH
+    others = slide & ~ndi.binary_dilation(seeds, iterations=2)
+    level = 0.0
+    if others.sum() >= 64:
+        cut = max(DENSITY_MIN, filters.threshold_otsu(density[others]))
+        stained = others & (density > cut)
+    else:
+        stained = others
+    if stained.sum() >= 64:
+        level = float(np.median(stain[stained]))  # the red cells' own nucleus-stain level (LISC: ~0.2)
+    low = max(NUCLEUS_LOW, level + LEVEL_MARGIN_LOW)
+    high = max(NUCLEUS_HIGH, level + LEVEL_MARGIN_HIGH)
+    nucleus = filters.apply_hysteresis_threshold(stain, low, high)
+    radius = _red_cell_radius(stained & ~nucleus, fallback=max(small.shape[:2]) / 20)
+    return {"small": small, "slide": slide, "stain": stain, "density": density, "stained": stained,
+            "nucleus": nucleus, "radius": radius, "level": level, "thresholds": (low, high)}
+
+
+def find_white_cells(rgb: np.ndarray) -> list[Cell]:
+    """Every white blood cell in an HxWx3 uint8 RGB image, sorted top to bottom, then left to right (box centres)."""
+    found = analyse(rgb)
+    if found is None or not found["nucleus"].any():
+        return []
+    small, nucleus, radius = found["small"], found["nucleus"], found["radius"]
+    groups, _ = ndi.label(ndi.binary_dilation(nucleus, iterations=max(1, round(LOBE_GAP * radius / 2))))
+    groups = np.where(nucleus, groups, 0)
+    rbc_area = math.pi * radius**2
+    sy = rgb.shape[0] / small.shape[0]
+    sx = rgb.shape[1] / small.shape[1]
+    margin = CYTOPLASM_MARGIN * radius
+    cells = []
+    for index, where in enumerate(ndi.find_objects(groups), start=1):
+        if where is None:
+            continue
+        area = int((groups[where] == index).sum())
+        if area < MIN_NUCLEUS_AREA * rbc_area:
+            continue
+        ys, xs = where
+        x0 = max(0, math.floor((xs.start - margin) * sx))
+        y0 = max(0, math.floor((ys.start - margin) * sy))
+        x1 = min(rgb.shape[1], math.ceil((xs.stop + margin) * sx))
+        y1 = min(rgb.shape[0], math.ceil((ys.stop + margin) * sy))
+        cells.append(Cell((x0, y0, x1, y1), round(area * sx * sy), round(area / rbc_area, 3)))
+    return sorted(cells, key=lambda c: (c.centre[1], c.centre[0]))
+
+
+def primary_index(cells: list[Cell], shape: tuple[int, ...]) -> int | None:
+    """Index of the cell whose box centre is nearest the centre of an image of this shape (H, W, ...); None if none."""
+    if not cells:
+        return None
+    cy, cx = shape[0] / 2, shape[1] / 2
+    return min(range(len(cells)), key=lambda i: (cells[i].centre[0] - cx) ** 2 + (cells[i].centre[1] - cy) ** 2)
+
+
+def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224) -> np.ndarray:
+    """(size, size, 3) uint8: a square of side CROP_SCALE x cell.diameter centred on the cell box, resized with
+    Pillow bilinear. Where it leaves the photo, and on black rotation borders, it shows the background colour."""
+    height, width = rgb.shape[:2]
+    side = max(1, round(CROP_SCALE * cell.diameter))
+    cx, cy = cell.centre
+    x0, y0 = round(cx - side / 2), round(cy - side / 2)
+    x1, y1 = x0 + side, y0 + side
+    ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+    canvas = np.empty((side, side, 3), np.uint8)
+    colour = np.round(background_colour(rgb)).astype(np.uint8)
+    canvas[:] = colour
+    if ix1 > ix0 and iy1 > iy0:
+        window = canvas[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+        window[:] = rgb[iy0:iy1, ix0:ix1]
+        window[window.max(axis=-1) < BLACK_LEVEL] = colour  # black rotation borders look like empty slide too
+    image = Image.fromarray(np.ascontiguousarray(canvas))
+    if image.size != (size, size):
+        image = image.resize((size, size), RESAMPLE)
+    return np.asarray(image)

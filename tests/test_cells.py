@@ -1,0 +1,130 @@
+"""hematovision.cells: the white-cell detector and the canonical crop, on small committed fields and drawn images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hematovision import cells as cells_module
+from hematovision.cells import CROP_SCALE, Cell, canonical_crop, find_white_cells, primary_index
+
+FIELDS = Path(__file__).parent / "data" / "fields"
+TWO_WBC_BOXES = [(11, 114, 102, 210), (119, 126, 255, 235)]  # BloodImage_00010 at 320x240 (README there)
+ONE_WBC_BOX = (34, 157, 143, 240)  # BloodImage_00001 at 320x240
+
+
+def field(name: str) -> np.ndarray:
+    with Image.open(FIELDS / name) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def inside(cell: Cell, box: tuple[int, int, int, int]) -> bool:
+    cx, cy = cell.centre
+    return box[0] <= cx <= box[2] and box[1] <= cy <= box[3]
+
+
+def test_two_white_cells_each_in_its_annotated_box():
+    found = find_white_cells(field("bccd_00010_two_wbc.jpg"))
+    assert len(found) == 2
+    assert sorted(next(i for i, b in enumerate(TWO_WBC_BOXES) if inside(c, b)) for c in found) == [0, 1]
+    assert [c.centre[1] for c in found] == sorted(c.centre[1] for c in found)  # sorted top to bottom
+
+
+def test_one_white_cell_box_is_the_whole_cell():
+    rgb = field("bccd_00001_one_wbc.jpg")
+    found = find_white_cells(rgb)
+    assert len(found) == 1
+    cell = found[0]
+    assert inside(cell, ONE_WBC_BOX)
+    x0, y0, x1, y1 = cell.box
+    assert all(isinstance(v, int) for v in cell.box)
+    assert 0 <= x0 < x1 <= rgb.shape[1] and 0 <= y0 < y1 <= rgb.shape[0]
+    true_diameter = max(ONE_WBC_BOX[2] - ONE_WBC_BOX[0], ONE_WBC_BOX[3] - ONE_WBC_BOX[1])
+    assert 0.7 < cell.diameter / true_diameter < 1.4
+    assert cell.nucleus_area > 0 and cell.score > 0
+
+
+def test_boxes_scale_with_the_image():
+    small = field("bccd_00010_two_wbc.jpg")
+    big = np.asarray(Image.fromarray(small).resize((960, 720), Image.Resampling.BILINEAR))
+    for a, b in zip(find_white_cells(small), find_white_cells(big), strict=True):
+        assert np.allclose(np.array(b.box) / 3, a.box, atol=6)
+
+
+@pytest.mark.parametrize(
+    "rgb",
+    [
+        np.full((240, 320, 3), 255, np.uint8),
+        np.zeros((240, 320, 3), np.uint8),
+        np.full((5, 5, 3), 128, np.uint8),
+        field("bccd_00010_two_wbc.jpg")[:100],  # the top of the field: red cells only
+        field("bccd_00001_one_wbc.jpg")[:120],
+    ],
+    ids=["white", "black", "tiny", "red-cells-a", "red-cells-b"],
+)
+def test_no_white_cell(rgb):
+    assert find_white_cells(rgb) == []
+
+
+def test_black_rotation_corners_are_not_cells():
+    rgb = field("bccd_00001_one_wbc.jpg").copy()
+    yy, xx = np.mgrid[: rgb.shape[0], : rgb.shape[1]]
+    rgb[(xx + yy < 90) | (xx - yy > 250)] = 0  # black wedges like Kaggle's rotated copies
+    found = find_white_cells(rgb)
+    assert len(found) == 1 and inside(found[0], ONE_WBC_BOX)
+
+
+def test_huge_image_is_downscaled_first(monkeypatch):
+    rgb = np.asarray(Image.fromarray(field("bccd_00001_one_wbc.jpg")).resize((4800, 3600), Image.Resampling.NEAREST))
+    seen = []
+    analyse = cells_module.analyse
+
+    def spy(image):
+        result = analyse(image)
+        seen.append(result["small"].shape)
+        return result
+
+    monkeypatch.setattr(cells_module, "analyse", spy)
+    found = find_white_cells(rgb)
+    assert max(seen[0][:2]) <= cells_module.WORK_SIDE
+    assert len(found) == 1 and inside(found[0], tuple(v * 15 for v in ONE_WBC_BOX))
+
+
+def test_primary_index():
+    assert primary_index([], (240, 320, 3)) is None
+    cells = [Cell((0, 0, 40, 40), 100, 1.0), Cell((140, 100, 180, 140), 100, 1.0), Cell((280, 200, 320, 240), 100, 1.0)]
+    assert primary_index(cells, (240, 320, 3)) == 1
+    assert primary_index(cells[:1], (240, 320)) == 0
+
+
+def test_canonical_crop_shape_centre_and_scale():
+    rgb = field("bccd_00010_two_wbc.jpg")
+    cell = Cell((100, 80, 160, 140), 100, 1.0)  # a 60 px cell well inside the field
+    crop = canonical_crop(rgb, cell)
+    assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
+    side = round(CROP_SCALE * 60)
+    expected = np.asarray(Image.fromarray(rgb[110 - side // 2 : 110 + side // 2, 130 - side // 2 : 130 + side // 2])
+                          .resize((224, 224), Image.Resampling.BILINEAR))
+    assert np.array_equal(crop, expected)
+    assert canonical_crop(rgb, cell, size=64).shape == (64, 64, 3)
+
+
+def test_canonical_crop_at_the_border_is_padded_with_background_not_black():
+    rgb = field("bccd_00001_one_wbc.jpg")
+    cell = find_white_cells(rgb)[0]  # touches the bottom edge
+    crop = canonical_crop(rgb, cell)
+    assert crop.shape == (224, 224, 3)
+    bottom = crop[-10:].reshape(-1, 3).astype(int)
+    background = cells_module.background_colour(rgb)
+    assert np.abs(bottom.mean(axis=0) - background).max() < 8
+    assert bottom.min() > 100  # not black
+
+
+def test_canonical_crop_fills_black_corners_with_background():
+    rgb = field("bccd_00001_one_wbc.jpg").copy()
+    rgb[:, :60] = 0
+    crop = canonical_crop(rgb, Cell((40, 100, 140, 200), 100, 1.0))
+    assert crop[:, :20].min() > 100
