@@ -1,7 +1,8 @@
 """The one image path shared by training, evaluation and the web app.
 
-bytes -> checked header -> decoded RGB (EXIF orientation applied) -> 224x224 uint8 array.
-Pixel scaling is *not* done here: it lives inside the model (a Rescaling layer).
+bytes -> checked header -> decoded RGB (EXIF orientation applied) -> every white cell found
+(hematovision.cells) -> one canonical 224x224 uint8 crop per cell. Pixel scaling is *not* done here: it lives
+inside the model (a Rescaling layer).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from hematovision.cells import Cell, canonical_crop, find_white_cells, primary_index
 
 IMAGE_SIZE = (224, 224)
 ACCEPTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF", "MPO": "JPEG"}
@@ -126,3 +129,38 @@ def prepare_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
 def prepare_file(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A file on disk -> model input array, through exactly the same steps as an upload."""
     return prepare_bytes(Path(path).read_bytes(), max_pixels=max_pixels)
+
+
+@dataclass
+class Field:
+    """A decoded image and the white cells found in it: boxes in the image's pixels (after EXIF orientation),
+    the canonical crop of each (the model's input), and which one is the primary cell (nearest the centre)."""
+
+    image: Image.Image
+    cells: list[Cell]
+    crops: np.ndarray  # (len(cells), 224, 224, 3) uint8
+    primary: int | None
+
+    @property
+    def primary_crop(self) -> np.ndarray | None:
+        return None if self.primary is None else self.crops[self.primary]
+
+
+def field_from_image(image: Image.Image) -> Field:
+    rgb = np.asarray(to_rgb(image), dtype=np.uint8)
+    cells = find_white_cells(rgb)
+    crops = (np.stack([canonical_crop(rgb, cell, IMAGE_SIZE[0]) for cell in cells]) if cells
+             else np.zeros((0, *IMAGE_SIZE, 3), np.uint8))
+    return Field(image=image, cells=cells, crops=crops, primary=primary_index(cells, rgb.shape))
+
+
+def prepare_field(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Field:
+    """Bytes of an uploaded or stored file -> its white cells and their model inputs. Serving, training and
+    evaluation all call this."""
+    return field_from_image(decode_image(data, max_pixels=max_pixels))
+
+
+def primary_crop_file(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """A labelled file on disk -> the model input of its primary cell (None when no white cell is found),
+    through exactly the same steps as an upload."""
+    return prepare_field(Path(path).read_bytes(), max_pixels=max_pixels).primary_crop

@@ -31,7 +31,7 @@ from hematovision.abstention import (
 )
 from hematovision.classifier import abstention_path_for, load_classifier, metadata_path_for
 from hematovision.fast_runtime import sha256_of
-from training import fit_abstention
+from training import pipeline
 
 LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
@@ -199,7 +199,7 @@ def not_cells() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fitted_model(tiny_model_path, tmp_path_factory):
-    """A copy of the tiny model with a temperature and an abstention rule fitted by training/fit_abstention.py's
+    """A copy of the tiny model with a temperature and an abstention rule fitted by training/pipeline.py's
     own functions on made-up "cells" (train and validation sets from different seeds)."""
     path = tmp_path_factory.mktemp("fitted") / "model.h5"
     shutil.copy(tiny_model_path, path)
@@ -210,14 +210,14 @@ def fitted_model(tiny_model_path, tmp_path_factory):
     _, train_features = classifier.run(x_train)
     val_raw, val_features = classifier.run(x_val)
     domains = np.array(["kaggle"] * len(y_val))
-    fitted = fit_abstention.fit(train_features, y_train, val_raw, y_val, val_features, domains, components=512,
-                                distance_rate=0.0, confidence_rate=0.0)
+    fitted = pipeline.fit_calibration(train_features, y_train, val_raw, y_val, val_features, domains, components=512,
+                                     distance_rate=0.0, confidence_rate=0.0)
     # The random tiny model gives every class about 1/4, so a probability threshold would be noise here: the
     # low-confidence rule is tested with hand-made numbers above.
     fitted["min_probability"] = 0.0
     record = {"validation_data": "made-up validation cells", "training_data": "made-up training cells",
               "rates": "none flagged", "command": "tests", "created": "now"}
-    fit_abstention.write(path, fitted, record)
+    pipeline.write_calibration(path, fitted, record)
     return path
 
 

@@ -1,116 +1,200 @@
-"""Training pipeline: the grouped split, a real (tiny) training run, and train/serve preprocessing identity."""
+"""The training command and its library: splits, augmentation, refusals, a real (tiny) end-to-end run, data
+parallelism on two logical CPU devices, and train/serve preprocessing identity."""
 
-import io
+from __future__ import annotations
+
+import csv
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from hematovision.classifier import load_classifier
-from hematovision.datasets import list_images, load_arrays
-from hematovision.imaging import prepare_bytes
-from training import split_pbc, train
+from hematovision.imaging import prepare_field, primary_crop_file
+from training import augment, config, splits, train
+from training.cropsets import load_crops
 
-LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
-
-
-def write_class_folders(root, per_class=4, size=(80, 60), extra_class=None):
-    """Small real JPEGs, one colour family per class, so a model has something to learn."""
-    rng = np.random.default_rng(0)
-    folders = LABELS + ([extra_class] if extra_class else [])
-    for k, label in enumerate(folders):
-        (root / label.lower()).mkdir(parents=True)  # lower case on purpose: matching is case-insensitive
-        for i in range(per_class):
-            base = np.array([40 + 50 * k, 200 - 40 * k, 120], np.float64)
-            pixels = np.clip(base + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / label.lower() / f"img_{i}.jpeg", quality=90)
-    return root
+DATA = Path(__file__).parent / "data"
+SAMPLES = DATA / "samples"
+LABELS = config.LABELS
 
 
 def test_split_by_group_never_puts_a_source_on_both_sides():
     targets = [0] * 30 + [1] * 30
     groups = [f"a{i // 5}" for i in range(30)] + [f"b{i // 3}" for i in range(30)]
-    train_idx, val_idx = train.split_by_group(targets, groups, 0.2, seed=3)
+    train_idx, val_idx = splits.split_by_group(targets, groups, 0.2, seed=3)
     assert len(train_idx) + len(val_idx) == 60 and len(val_idx) > 0
     assert not {groups[i] for i in train_idx} & {groups[i] for i in val_idx}
     assert {targets[i] for i in val_idx} == {0, 1}  # every class is validated
 
 
-def test_read_sources_uses_the_csv_and_flags_unknown_files(tmp_path, capsys):
-    csv_path = tmp_path / "sources.csv"
-    csv_path.write_text("path,label,source_id\nEOSINOPHIL/a.jpeg,EOSINOPHIL,7\nEOSINOPHIL/b.jpeg,EOSINOPHIL,7\n")
-    groups = train.read_sources(csv_path, ["EOSINOPHIL/a.jpeg", "EOSINOPHIL/b.jpeg", "EOSINOPHIL/c.jpeg"])
-    assert groups[0] == groups[1] == "src7"
-    assert groups[2] == "file:EOSINOPHIL/c.jpeg"
-    assert "1 of 3 images have no known source photo" in capsys.readouterr().out
+def write_lisc(root: Path, cells_per_class: int = 5, crops_per_cell: int = 2) -> Path:
+    """A LISC-like folder: shifted copies (here: the same sample file) of each cell, listed in groups.csv."""
+    folder = root / config.LISC
+    rows = []
+    for label in [*LABELS, "BASOPHIL"]:
+        (folder / label).mkdir(parents=True)
+        sample = sorted((SAMPLES / (label if label in LABELS else "NEUTROPHIL")).iterdir())[0]
+        for cell in range(cells_per_class):
+            for copy in range(crops_per_cell):
+                name = f"{label}/{label.lower()}_{cell}_{copy}.jpg"
+                shutil.copy(sample, folder / name)
+                rows.append({"path": name, "label": label, "cell_id": f"{label.lower()}_{cell}",
+                             "source_file": "x.png"})
+    with open(folder / config.LISC_GROUPS, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "cell_id", "source_file"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_lisc_split_keeps_every_cell_on_one_side_and_basophils_apart(tmp_path):
+    root = write_lisc(tmp_path)
+    parts = {s: splits.lisc(root, LABELS, s) for s in ("train", "validation", "test")}
+    cells = {s: set(rows.groups) for s, rows in parts.items()}
+    assert not (cells["train"] & cells["validation"]) and not (cells["train"] & cells["test"])
+    assert sum(len(rows) for rows in parts.values()) == 4 * 5 * 2  # every known-type crop, once
+    assert -1 not in parts["test"].targets
+    with_unknown = splits.lisc(root, LABELS, "test", include_unknown=True)
+    assert with_unknown.targets.count(-1) == 2  # one basophil cell (of 5, 20%) with its 2 crops
+
+
+def test_augment_keeps_shape_and_range_and_follows_its_seed():
+    crops = np.stack([primary_crop_file(p) for p in sorted((SAMPLES / "LYMPHOCYTE").iterdir())])
+    out = augment.augment(crops, 160, np.random.default_rng(4))
+    assert out.shape == (len(crops), 160, 160, 3) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    np.testing.assert_array_equal(out, augment.augment(crops, 160, np.random.default_rng(4)))
+    assert not np.allclose(out, augment.augment(crops, 160, np.random.default_rng(5)))
+
+
+def write_data_root(root: Path) -> Path:
+    """The layout of --data-root with the committed sample cells: Kaggle TRAIN and TEST, and LISC."""
+    for split in ("TRAIN", "TEST"):
+        for label in LABELS:
+            folder = root / config.KAGGLE / "dataset2-master" / "images" / split / label
+            folder.mkdir(parents=True)
+            for i, sample in enumerate(sorted((SAMPLES / label).iterdir())):
+                shutil.copy(sample, folder / f"{split.lower()}_{i}.jpeg")
+    return write_lisc(root, cells_per_class=5, crops_per_cell=1)
+
+
+def run_train(args: list[str]) -> tuple[int, str]:
+    process = subprocess.run([sys.executable, "-m", "training.train", *args], capture_output=True, text=True,
+                             timeout=600, cwd=config.ROOT)
+    return process.returncode, process.stderr
+
+
+@pytest.mark.parametrize("case", ["no_data_root", "lab_missing", "weights_missing", "out_exists"])
+def test_train_refuses_a_users_mistake_with_one_line(tmp_path, case):
+    root = write_data_root(tmp_path / "data")
+    out = tmp_path / "m.h5"
+    args = ["--data-root", str(root), "--out", str(out), "--weights", "none", "--labs", "kaggle,lisc"]
+    expected = {"no_data_root": "--data-root not found", "lab_missing": "pbc: expected the folder",
+                "weights_missing": "--weights file not found", "out_exists": "exists; pass --force"}[case]
+    if case == "no_data_root":
+        args[1] = str(tmp_path / "nowhere")
+    elif case == "lab_missing":
+        args[-1] = "kaggle,pbc"
+    elif case == "weights_missing":
+        args[5] = str(tmp_path / "nope.h5")
+    else:
+        out.write_bytes(b"keep me")
+    code, stderr = run_train(args)
+    assert code == 2
+    assert expected in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not out.exists() or out.read_bytes() == b"keep me"
+
+
+def test_imagenet_weights_offline_name_the_offline_file(monkeypatch, tmp_path):
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(splits.DataError, match="--weights PATH.*no_top"):
+        train.check_weights("imagenet")
 
 
 @pytest.mark.slow
-def test_training_smoke_run_writes_a_loadable_model_with_metadata(tmp_path):
-    data = write_class_folders(tmp_path / "data", per_class=4)
-    pbc = write_class_folders(tmp_path / "pbc", per_class=3, size=(72, 72))
-    split_pbc.main(["--data-dir", str(pbc), "--out", str(tmp_path / "pbc_split.csv")])  # 2 train, 1 val per class
+def test_one_command_trains_exports_calibrates_and_evaluates(tmp_path):
+    root = write_data_root(tmp_path / "data")
     out = tmp_path / "out" / "model.h5"
-    metadata = train.main(["--data-dir", str(data), "--out", str(out), "--weights", "none", "--head-epochs", "1",
-                           "--epochs", "1", "--batch-size", "8", "--sources", str(tmp_path / "none.csv"),
-                           "--pbc-dir", str(pbc), "--pbc-split", str(tmp_path / "pbc_split.csv"),
-                           "--loop", "fit"])
-    assert out.is_file() and out.with_suffix(".json").is_file()
-    assert (tmp_path / "out" / "model_curves.png").stat().st_size > 1000
-    on_disk = json.loads(out.with_suffix(".json").read_text())
-    assert on_disk["labels"] == LABELS == metadata["labels"]
-    assert on_disk["image_size"] == [224, 224]
-    assert on_disk["training"]["epochs_run"] == {"head": 1, "fine_tune": 1, "best_epoch": 2,
-                                                 "stopped_by_time_budget": False}
-    assert {"keras", "numpy", "backend"} <= set(on_disk["versions"])
-    assert on_disk["training"]["train_images"] + on_disk["training"]["validation_images"] == 16 + 12
-    assert on_disk["training"]["pbc"]["train"] == 8 and on_disk["training"]["pbc"]["validation"] == 4
-    assert set(on_disk["validation"]["by_domain"]) == {"kaggle", "pbc"}
-    assert len(on_disk["training"]["history"]["val_accuracy_pbc"]) == 2  # one per epoch, both phases
-
+    code, stderr = run_train(["--data-root", str(root), "--out", str(out), "--weights", "none",
+                              "--labs", "kaggle,lisc", "--epochs", "1", "--high-epochs", "1", "--batch-size", "4",
+                              "--low-size", "96", "--lisc-repeat", "1", "--workers", "1"])
+    assert code == 0, stderr
+    for suffix in (".h5", ".json", ".tflite", ".tflite.json"):
+        assert out.with_suffix(suffix).is_file()
+    assert (out.parent / "model_ood.npz").is_file() and (out.parent / "model_curves.png").is_file()
+    assert not (out.parent / "model.checkpoint").exists()  # a finished run leaves no checkpoint
+    metadata = json.loads(out.with_suffix(".json").read_text())
+    assert metadata["labels"] == LABELS and metadata["image_size"] == [224, 224]
+    run = metadata["training"]
+    assert run["wall_seconds"] > 0 and run["device"] == "cpu" and run["cpu_count"] >= 1
+    assert str(tmp_path) not in json.dumps(metadata)  # no absolute path of this machine
+    assert [h["phase"] for h in run["history"]] == ["head", "low", "high"]
+    assert set(metadata["evaluation"]) == {"kaggle_test", "lisc_test"}
+    assert metadata["evaluation"]["kaggle_test"]["n"] == 12
+    assert metadata["calibration"]["model_sha256"] == metadata["abstention"]["model_sha256"]
+    # The figures are what the served model really answers on the held-out crops.
     classifier = load_classifier(out)
-    probs = classifier.predict(load_arrays(list_images(data).paths[:3]))
-    assert probs.shape == (3, 4)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    test = splits.kaggle_folder(root / config.KAGGLE_TEST, LABELS, None)
+    crops = load_crops(test, workers=1)
+    predicted = classifier.assess(crops.crops).probabilities.argmax(1)
+    correct = int((predicted == crops.targets).sum())  # a file without a found cell counts as wrong
+    assert metadata["evaluation"]["kaggle_test"]["accuracy"] == pytest.approx(correct / len(test))
 
 
-def test_training_and_serving_see_identical_arrays(app, client, tmp_path):
-    """The array the app feeds the model for an upload equals the array training loads for that file."""
-    rng = np.random.default_rng(1)
-    path = tmp_path / "cell.jpeg"
-    Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(path, quality=85)
+@pytest.mark.slow
+def test_data_parallel_training_runs_on_two_logical_cpu_devices():
+    script = """
+import numpy as np, keras
+from training.train import distribution_scope
+from hematovision.network import build_model
+with distribution_scope(2) as scope:
+    import tensorflow as tf
+    strategy = tf.distribute.get_strategy()
+    model = build_model(4, weights=None, image_size=(32, 32))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+x = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+history = model.fit(x, np.arange(16) % 4, batch_size=8, epochs=1, verbose=0)
+print(strategy.num_replicas_in_sync, len(history.history["loss"]))
+"""
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                             cwd=config.ROOT)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.split()[-2:] == ["2", "1"]
+
+
+def test_training_and_serving_see_identical_arrays(app, client):
+    """The crop training takes from a file is the crop the app feeds the model for that upload."""
+    path = DATA / "fields" / sorted(p.name for p in (DATA / "fields").glob("*.jpg"))[0]
     classifier = app.extensions["hematovision"]
     seen = []
-    real_run = classifier.run  # the model call behind predict() and assess()
+    real_run = classifier.run
 
-    def spy(batch):  # records the served input, then runs the real model
+    def spy(batch, *args, **kwargs):  # records the served input, then runs the real model
         seen.append(np.array(batch, copy=True))
-        return real_run(batch)
+        return real_run(batch, *args, **kwargs)
 
     classifier.run = spy
     try:
-        response = client.post("/predict", data={"file": (io.BytesIO(path.read_bytes()), "cell.jpeg")},
+        response = client.post("/api/predict", data={"file": (path.open("rb"), path.name)},
                                content_type="multipart/form-data")
     finally:
         classifier.run = real_run
     assert response.status_code == 200
-    training_array = load_arrays([path])[0]
-    assert len(seen) == 1
-    np.testing.assert_array_equal(np.asarray(seen[0]).reshape(training_array.shape), training_array)
-    np.testing.assert_array_equal(prepare_bytes(path.read_bytes()), training_array)
-    assert training_array.dtype == np.uint8 and training_array.shape == (224, 224, 3)
-
-
-def test_continuing_keeps_the_starting_weights_only_when_no_epoch_beat_them(tiny_model_path):
-    import keras
-
-    model = keras.models.load_model(tiny_model_path, compile=False)
-    start = [w.copy() for w in model.get_weights()]
-    model.set_weights([w + 1.0 for w in start])
-    assert not train.keep_start_if_not_beaten(model, tiny_model_path, start_loss=1.0, best_loss=0.5)
-    np.testing.assert_array_equal(model.get_weights()[0], start[0] + 1.0)  # an epoch was better: kept
-    assert not train.keep_start_if_not_beaten(model, tiny_model_path, start_loss=None, best_loss=9.0)
-    assert train.keep_start_if_not_beaten(model, tiny_model_path, start_loss=1.0, best_loss=1.0)
-    for got, want in zip(model.get_weights(), start, strict=True):
-        np.testing.assert_array_equal(got, want)
+    training_crop = primary_crop_file(path)
+    field = prepare_field(path.read_bytes())
+    assert training_crop is not None and training_crop.dtype == np.uint8 and training_crop.shape == (224, 224, 3)
+    served = np.concatenate([np.asarray(b).reshape(-1, 224, 224, 3) for b in seen])
+    assert any(np.array_equal(crop, training_crop) for crop in served)
+    np.testing.assert_array_equal(field.primary_crop, training_crop)

@@ -49,7 +49,7 @@ from scipy import ndimage
 
 from hematovision.gradcam import DEFAULT_METHOD, DEFAULT_SHIFTS, METHODS
 from hematovision.imaging import decode_image, to_model_input
-from training.evaluate import wilson_interval
+from training.metrics import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "model" / "blood_cell_model.h5"

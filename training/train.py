@@ -1,145 +1,177 @@
-"""Train the HematoVision white-blood-cell classifier (MobileNetV2 transfer learning) on two labs' images.
+"""Train, export, calibrate and evaluate the HematoVision white-cell classifier in one command.
 
-The shipped model/blood_cell_model.h5 is one run of this script with its defaults, from the repository root, with
-the Kaggle set at ../shared/data/blood-cells, PBC at ../shared/data/pbc-4class and the offline ImageNet weights
-at ../shared/weights. On a GPU (it was made on one H200, Keras on the PyTorch backend, bf16; 426 s while three
-other runs shared the GPU: variant G of `training/ablation.py --set longer`):
+    python training/train.py --data-root ../shared/data \
+        --weights ../shared/weights/mobilenet_v2_1.0_224_coralquant_bnrecal_no_top_legacy.h5 --out my_model.h5
 
-    KERAS_BACKEND=torch python training/train.py \
-        --data-dir ../shared/data/blood-cells/dataset2-master/images/TRAIN --pbc-dir ../shared/data/pbc-4class \
-        --weights ../shared/weights/mobilenet_v2_1.0_224_coralquant_bnrecal_no_top_legacy.h5
+--data-root has the layout of the README's data section: blood-cells/ (Kaggle), pbc-4class/ (PBC), lisc-crops/
+(LISC). Without --weights, Keras downloads the ImageNet weights (a connected machine). The shipped model is this
+command with its defaults (its metadata records the exact command, the time it took and the machine).
 
-(That run had --max-minutes 8.3, which planned exactly these 17 fine-tuning epochs; early stopping did not fire.)
-On a CPU-only machine the same command without KERAS_BACKEND (TensorFlow, Keras Model.fit, float32) runs the
-same recipe at about 15 minutes per epoch on 2 cores: about 4.5 hours for its 1 + 17 epochs (extrapolated from
-5.2 s per fine-tuning step of 64 images measured with --limit 120; not timed end to end). The two backends use
-the same seeds, data, augmentation and schedule but not the same random streams or arithmetic, so a rerun gives a
-model of the same quality, not the same bytes. `--weights imagenet` (the default) lets Keras download the
-ImageNet weights on a connected machine. The metadata JSON beside the model records the command, history, timing.
-
-Recipe: decode -> RGB -> 224x224 (hematovision.imaging, the same path the app uses); Kaggle's validation split
-cut from TRAIN by whole source photo (training/splits/kaggle_train_sources.csv, see training/group_sources.py),
-PBC's by the committed stratified split (training/splits/pbc_split.csv, see training/split_pbc.py); phase 1
-trains the head on a frozen base for one epoch, phase 2 unfreezes the whole base and fine-tunes 17 epochs with
-Adam (3e-4, batches of 128) and a cosine learning-rate decay, keeping the weights of the best validation loss.
-Augmentation: any rotation, mirror, +-15% scale, +-10% shift (`--augment stain` adds stain/colour/blur jitter
-and +-35% scale; the ablation found it did not pay within the same time budget). TEST, TEST_SIMPLE and PBC's test
-rows are never read here: evaluate them with training/evaluate.py.
+Steps, with one progress display:
+1. data: every labelled file goes through hematovision.imaging.prepare_field, the path an upload takes (decode,
+   orientation, RGB, find the white cells, one canonical 224x224 crop per cell); its primary cell's crop is kept.
+   Splits (training/splits.py): Kaggle TRAIN by source photo (at most --kaggle-per-photo of the ~35 augmented
+   copies of each), PBC by the committed split, LISC by cell. Test rows are cropped now but not looked at.
+2. train: MobileNetV2 from ImageNet weights, layers below --fine-tune-from frozen, batch norm in inference mode
+   (ImageNet statistics, no one lab's); one epoch of the head alone, then --epochs at --low-size px with a cosine
+   learning rate, then --high-epochs at 224 px (train low, test high). Augmentation: training/augment.py. The
+   weights of the epoch with the best mean validation accuracy over the labs are kept.
+3. export: the .h5 (float32) and its TFLite twin (what the app runs).
+4. calibrate: temperature and the "uncertain" rule, fitted on the validation rows (training/pipeline.py).
+5. evaluate: Kaggle TEST, PBC's test rows and LISC's test cells, through the app's Classifier; crops where no
+   white cell was found count as wrong. With --hold-out LAB, that lab is neither trained nor validated on: its
+   test rows are then a leave-one-lab-out figure.
+Nothing is written at --out until the end (all files land together); an interrupted run (Ctrl-C, a crash) keeps
+`<out>.checkpoint/` (crops and the last finished epoch), which --resume continues.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python training/train.py` from the repo root
-    sys.path.insert(0, str(ROOT))
-
-from hematovision.network import AUGMENTATIONS  # noqa: E402
+from training import config, splits
+from training.splits import DataError
 
 DEFAULTS = {
-    "out": ROOT / "model" / "blood_cell_model.h5",
-    "sources": ROOT / "training" / "splits" / "kaggle_train_sources.csv",
-    "pbc_split": ROOT / "training" / "splits" / "pbc_split.csv",
+    "labs": "kaggle,pbc,lisc",
     "weights": "imagenet",
+    "seed": config.SEED,
     "val_fraction": 0.15,
-    "seed": 1337,
-    "batch_size": 128,
-    "head_epochs": 1,
+    "kaggle_per_photo": 12,
+    "lisc_repeat": 2,
+    "batch_size": 64,
     "head_lr": 1e-3,
-    "epochs": 17,
-    "lr": 3e-4,
-    "patience": 6,
-    "fine_tune_from": "",  # "" = the whole base; a MobileNetV2 layer name = from that layer up
+    "lr": 5e-4,
+    "epochs": 10,
+    "high_epochs": 1,
+    "high_lr": 1e-4,
+    "low_size": 160,
+    "fine_tune_from": "block_6_expand",
     "dropout": 0.2,
-    "mixed_precision": "auto",
-    "augment": "geometric",
-    "schedule": "cosine",
-    "loop": "auto",
+    "devices": 1,
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", required=True, type=Path, help="folder per class, e.g. .../images/TRAIN")
-    p.add_argument("--out", type=Path, default=DEFAULTS["out"], help="output .h5 (metadata goes next to it)")
-    p.add_argument("--sources", type=Path, default=DEFAULTS["sources"],
-                   help="CSV path,label,source_id grouping images by source photo (for the validation split)")
-    p.add_argument("--weights", default=DEFAULTS["weights"], help="'imagenet', a local .h5 path, or 'none'")
-    p.add_argument("--val-fraction", type=float, default=DEFAULTS["val_fraction"])
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="weights, shuffling, augmentation")
-    p.add_argument("--split-seed", type=int, default=DEFAULTS["seed"],
-                   help="which source photos are held out for validation (keep it fixed to compare runs)")
+    p.add_argument("--data-root", required=True, type=Path,
+                   help="the folder holding blood-cells/, pbc-4class/, lisc-crops/")
+    p.add_argument("--out", required=True, type=Path, help="the model to write (.h5; its .json, .tflite beside it)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.checkpoint/")
+    p.add_argument("--weights", default=DEFAULTS["weights"],
+                   help="'imagenet' (Keras downloads them) or a local MobileNetV2 no-top .h5")
+    p.add_argument("--labs", default=DEFAULTS["labs"], help="labs to train on, comma-separated")
+    p.add_argument("--hold-out", choices=config.LABS, help="leave this lab out of training and validation")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--val-fraction", type=float, default=DEFAULTS["val_fraction"],
+                   help="share of Kaggle TRAIN's source photos held out for validation")
+    p.add_argument("--kaggle-per-photo", type=int, default=DEFAULTS["kaggle_per_photo"],
+                   help="at most this many of the augmented copies of each Kaggle source photo")
+    p.add_argument("--lisc-repeat", type=int, default=DEFAULTS["lisc_repeat"],
+                   help="LISC's training crops are shown this many times per epoch (it is the smallest lab)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--head-epochs", type=int, default=DEFAULTS["head_epochs"])
     p.add_argument("--head-lr", type=float, default=DEFAULTS["head_lr"])
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="max fine-tuning epochs (0 = head only)")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="fine-tuning learning rate")
-    p.add_argument("--patience", type=int, default=DEFAULTS["patience"])
-    p.add_argument("--fine-tune-from", default=DEFAULTS["fine_tune_from"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="fine-tuning epochs at --low-size")
+    p.add_argument("--high-epochs", type=int, default=DEFAULTS["high_epochs"], help="fine-tuning epochs at 224")
+    p.add_argument("--high-lr", type=float, default=DEFAULTS["high_lr"])
+    p.add_argument("--low-size", type=int, default=DEFAULTS["low_size"])
+    p.add_argument("--fine-tune-from", default=DEFAULTS["fine_tune_from"],
+                   help="first MobileNetV2 layer trained ('' = all of them)")
     p.add_argument("--dropout", type=float, default=DEFAULTS["dropout"])
-    p.add_argument("--mixed-precision", choices=["auto", "on", "off"], default=DEFAULTS["mixed_precision"])
-    p.add_argument("--limit", type=int, default=0, help="use at most N images per class (smoke runs)")
-    p.add_argument("--workers", type=int, default=0, help="decode threads (0 = all cores)")
-    p.add_argument("--init-model", type=Path,
-                   help="continue from this .h5 (a model made by this script) instead of fresh ImageNet weights")
-    p.add_argument("--max-minutes", type=float, default=0,
-                   help="stop fine-tuning after this much wall time (0 = no limit); best weights are kept. "
-                        "The torch loop plans its fine-tuning epochs to fit (timed before it starts)")
-    p.add_argument("--pbc-dir", type=Path,
-                   help="the PBC set (second lab), folder per class: its train rows join training, its validation "
-                        "rows join validation")
-    p.add_argument("--pbc-split", type=Path, default=DEFAULTS["pbc_split"],
-                   help="CSV path,label,split from training/split_pbc.py")
-    p.add_argument("--augment", choices=AUGMENTATIONS, default=DEFAULTS["augment"],
-                   help="'geometric': flips, turns, zoom, shift; 'stain': also lab-to-lab colour, scale and blur")
-    p.add_argument("--schedule", choices=["constant", "cosine"], default=DEFAULTS["schedule"],
-                   help="fine-tuning learning rate: constant, or cosine decay to 0 over the planned epochs")
-    p.add_argument("--loop", choices=["auto", "fit", "torch"], default=DEFAULTS["loop"],
-                   help="'fit': keras Model.fit (any backend); 'torch': training/torch_loop.py (data on the GPU); "
-                        "auto = torch on the PyTorch backend, else fit")
-    return p.parse_args(argv)
-
-
-def read_sources(csv_path: Path, relative_paths: list[str]) -> list[str]:
-    """Group id of each image: its source photo where the CSV knows it, else the file itself (with a warning)."""
-    known: dict[str, str] = {}
-    if csv_path and Path(csv_path).is_file():
-        with open(csv_path, newline="") as f:
-            known = {row["path"]: f"src{row['source_id']}" for row in csv.DictReader(f)}
-    groups = [known.get(rel, f"file:{rel}") for rel in relative_paths]
-    unknown = sum(g.startswith("file:") for g in groups)
+    p.add_argument("--devices", type=int, default=DEFAULTS["devices"],
+                   help="data-parallel training over this many devices (GPUs, else logical CPU devices)")
+    p.add_argument("--limit", type=int, default=0, help="at most N files per class and split (smoke runs)")
+    p.add_argument("--workers", type=int, default=0, help="processes that find cells (0 = all cores)")
+    args = p.parse_args(argv)
+    args.labs = [lab.strip() for lab in args.labs.split(",") if lab.strip()]
+    unknown = sorted(set(args.labs) - set(config.LABS))
     if unknown:
-        print(f"WARNING: {unknown} of {len(groups)} images have no known source photo; each is its own group. "
-              "If they are augmented copies of each other the validation figure will be optimistic.")
-    return groups
+        p.error(f"unknown lab(s) {unknown}; choose from {list(config.LABS)}")
+    if args.hold_out:
+        args.labs = [lab for lab in args.labs if lab != args.hold_out]
+    if not args.labs:
+        p.error("no lab left to train on")
+    if args.out.suffix != ".h5":
+        p.error("--out must end in .h5")
+    return args
 
 
-def split_by_group(targets: list[int], groups: list[str], fraction: float, seed: int):
-    """Hold out whole groups, per class, so no source photo is on both sides."""
+class Progress:
+    """One line per step of the whole run: elapsed time, step, and the estimated time left."""
+
+    STEPS = ("data", "train", "export", "calibrate", "evaluate")
+
+    def __init__(self, started: float):
+        self.started = started
+
+    def elapsed(self) -> str:
+        seconds = int(time.time() - self.started)
+        return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+    def step(self, name: str, detail: str = "") -> None:
+        k = self.STEPS.index(name) + 1
+        print(f"[{self.elapsed()}] step {k}/{len(self.STEPS)}: {name}" + (f" - {detail}" if detail else ""),
+              flush=True)
+
+    def say(self, text: str) -> None:
+        print(f"[{self.elapsed()}]   {text}", flush=True)
+
+
+# --- 1. data -----------------------------------------------------------------------------------------------
+
+
+def per_photo(rows: splits.Rows, cap: int, seed: int) -> splits.Rows:
+    """At most `cap` files of each group (Kaggle's augmented copies of one photo add little after a few)."""
+    if not cap:
+        return rows
     rng = np.random.default_rng(seed)
-    targets = np.asarray(targets)
-    groups = np.asarray(groups)
-    val = np.zeros(len(targets), bool)
-    for label in np.unique(targets):
-        class_groups = np.unique(groups[targets == label])
-        rng.shuffle(class_groups)
-        n_val = max(1, int(round(fraction * len(class_groups)))) if len(class_groups) > 1 else 0
-        val |= (targets == label) & np.isin(groups, class_groups[:n_val])
-    return np.flatnonzero(~val), np.flatnonzero(val)
+    groups = np.asarray(rows.groups)
+    keep = [int(i) for g in np.unique(groups) for i in rng.permutation(np.flatnonzero(groups == g))[:cap]]
+    return rows.subset(sorted(keep))
+
+
+def gather(args, cache_dir: Path, progress: Progress) -> dict:
+    """{split: {lab: CropSet}} for train / validation / test."""
+    from training.cropsets import load_crops
+
+    labs_all = list(dict.fromkeys([*args.labs, *([args.hold_out] if args.hold_out else [])]))
+    splits.check_data_root(args.data_root, labs_all)
+    sets: dict[str, dict] = {"train": {}, "validation": {}, "test": {}}
+    for split in sets:
+        for lab in labs_all:
+            if split != "test" and lab == args.hold_out:
+                continue
+            kwargs = {"val_fraction": args.val_fraction, "seed": args.seed} if lab == "kaggle" else {}
+            if lab == "lisc" and split == "test":
+                kwargs["include_unknown"] = True
+            rows = splits.lab_rows(lab, args.data_root, config.LABELS, split, **kwargs)
+            if lab == "kaggle" and split != "test":
+                rows = per_photo(rows, args.kaggle_per_photo, args.seed)
+            rows = rows.limit(args.limit, args.seed)
+            crops = load_crops(rows, workers=args.workers or None, cache_dir=cache_dir, desc=f"{lab} {split}")
+            sets[split][lab] = crops
+            progress.say(f"{lab} {split}: {len(rows)} files, white cell found in {int(crops.found.sum())}")
+    return sets
+
+
+# --- 2. train ----------------------------------------------------------------------------------------------
 
 
 def detect_device() -> str:
+    """'cpu', or the name of the first GPU."""
     import keras
 
     backend = keras.backend.backend()
@@ -148,159 +180,174 @@ def detect_device() -> str:
             import tensorflow as tf
 
             gpus = tf.config.list_physical_devices("GPU")
-            return f"GPU ({gpus[0].name})" if gpus else "CPU"
-        if backend == "torch":
+            if gpus:
+                return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+        elif backend == "torch":
             import torch
 
-            return f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU"
-        if backend == "jax":
+            if torch.cuda.is_available():
+                return torch.cuda.get_device_name(0)
+        elif backend == "jax":
             import jax
 
             device = jax.devices()[0]
-            return f"GPU ({device.device_kind})" if device.platform == "gpu" else "CPU"
-    except Exception:  # device probing is informational only
+            if device.platform == "gpu":
+                return device.device_kind
+    except (ImportError, RuntimeError, IndexError):
         pass
-    return "CPU"
+    return "cpu"
 
 
-def make_batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int):
-    """A keras.utils.PyDataset over in-memory uint8 arrays: works on every backend, shuffles each epoch."""
+def distribution_scope(devices: int):
+    """A context in which the model is built and compiled: data-parallel over `devices` devices (TensorFlow's
+    MirroredStrategy over its GPUs, else over as many logical CPU devices; JAX: keras.distribution)."""
+    import contextlib
+
     import keras
+
+    if devices <= 1:
+        return contextlib.nullcontext()
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            names = [f"/gpu:{i}" for i in range(min(devices, len(gpus)))]
+        else:
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+            names = [f"/cpu:{i}" for i in range(devices)]
+        return tf.distribute.MirroredStrategy(names).scope()
+    if backend == "jax":
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        return contextlib.nullcontext()
+    raise DataError(f"--devices {devices} needs the TensorFlow or JAX backend (this is {backend})")
+
+
+def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size: int, seed: int, epoch: int):
+    """A keras.utils.PyDataset of augmented batches: every training crop once per epoch (a lab's `repeat`
+    times), shuffled, augmented in a background thread while the network trains."""
+    import keras
+
+    from training.augment import augment
+
+    x = np.concatenate([x_by_lab[lab] for lab in x_by_lab for _ in range(repeat.get(lab, 1))])
+    y = np.concatenate([y_by_lab[lab] for lab in y_by_lab for _ in range(repeat.get(lab, 1))])
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__()
-            self.rng = np.random.default_rng(seed)
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch = epoch
             self.order = np.arange(len(x))
             self.on_epoch_end()
 
         def __len__(self):
-            return int(np.ceil(len(x) / batch_size))
+            return len(x) // batch_size
 
         def __getitem__(self, i):
             idx = np.sort(self.order[i * batch_size:(i + 1) * batch_size])
-            return x[idx].astype(np.float32), y[idx]
+            rng = np.random.default_rng([seed, self.epoch, i])
+            return augment(x[idx], size, rng), y[idx]
 
         def on_epoch_end(self):
-            if shuffle:
-                self.rng.shuffle(self.order)
+            self.epoch += 1
+            np.random.default_rng([seed, self.epoch]).shuffle(self.order)
 
     return Batches()
 
 
-def _deadline(started: float, minutes: float):
-    """Stop after the epoch that crosses a wall-time budget (a lent GPU is time-limited)."""
+class EpochEnd:
+    """After each epoch: validation accuracy per lab, the best weights so far, a checkpoint, a progress line."""
+
+    def __init__(self, model, val: dict, size: int, checkpoint: Path, state: dict, progress: Progress,
+                 total_epochs: int):
+        from training.augment import resize
+
+        self.model, self.size, self.checkpoint, self.state, self.progress = model, size, checkpoint, state, progress
+        self.val = {lab: (resize(c.crops, size).astype(np.float32), c.targets) for lab, c in val.items()}
+        self.total_epochs = total_epochs
+        self.epoch_started = time.time()
+
+    def score(self) -> dict:
+        scores = {}
+        for lab, (x, y) in self.val.items():
+            if len(y):
+                scores[lab] = float((self.model.predict(x, batch_size=64, verbose=0).argmax(1) == y).mean())
+        return scores
+
+    def __call__(self, phase: str, epoch: int, logs: dict) -> None:
+        scores = self.score()
+        mean = float(np.mean(list(scores.values()))) if scores else 0.0
+        history = self.state.setdefault("history", [])
+        history.append({"phase": phase, "epoch": epoch, "loss": float(logs.get("loss", 0.0)),
+                        "accuracy": float(logs.get("accuracy", 0.0)), "val_accuracy": scores, "val_mean": mean,
+                        "seconds": round(time.time() - self.epoch_started, 1)})
+        if mean > self.state.get("best_val_mean", -1.0):
+            self.state.update(best_val_mean=mean, best={"phase": phase, "epoch": epoch})
+            self.model.save_weights(self.checkpoint / "best.weights.h5")
+        self.model.save_weights(self.checkpoint / "last.weights.h5")
+        self.state["done"] = [*self.state.get("done", []), f"{phase}:{epoch}"]
+        (self.checkpoint / "state.json").write_text(json.dumps(self.state, indent=2), encoding="utf-8")
+        done = len(self.state["done"])
+        mean_epoch = np.mean([h["seconds"] for h in history[-3:]])
+        left = (self.total_epochs - done) * mean_epoch
+        figures = " ".join(f"{lab} {acc:.3f}" for lab, acc in scores.items())
+        self.progress.say(f"{phase} epoch {epoch} ({done}/{self.total_epochs}): loss {logs.get('loss', 0):.3f}, "
+                          f"validation {figures} | training left ~{left / 60:.1f} min")
+        self.epoch_started = time.time()
+
+
+def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
+    """Train on the training crops; returns the 224x224 float32 model with the best validation weights."""
     import keras
 
-    class Deadline(keras.callbacks.Callback):
-        hit = False
+    from hematovision.network import build_model, set_trainable_from
 
-        def on_epoch_end(self, epoch, logs=None):
-            if minutes and time.time() - started > minutes * 60:
-                print(f"time budget of {minutes} min reached after epoch {epoch + 1}")
-                self.model.stop_training = self.hit = True
-
-    return Deadline()
-
-
-def fit_keras(args, model, augmenter, x_train, y_train, x_val, y_val, val_domains, record, started):
-    """Both phases with keras Model.fit (any backend; the CPU path). Returns (head epochs, fine-tuning epochs,
-    best epoch, stopped by the time budget)."""
-    import keras
-
-    from hematovision.imaging import IMAGE_SIZE
-    from hematovision.network import set_trainable_from
-
-    train_data = make_batches(x_train, y_train, args.batch_size, True, args.seed)
-    val_data = make_batches(x_val, y_val, args.batch_size, False, args.seed)
-    inputs = keras.Input(shape=(*IMAGE_SIZE, 3))
-    trainer = keras.Model(inputs, model(augmenter(inputs)), name="trainer")
-    verbose = 1 if sys.stdout.isatty() else 2
-    by_domain = _domain_logger(model, x_val, y_val, val_domains)
-
-    def run_phase(epochs: int, lr, callbacks=()):
-        trainer.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                        metrics=["accuracy"])
-        h = trainer.fit(train_data, validation_data=val_data, epochs=epochs, verbose=verbose,
-                        callbacks=[*callbacks, by_domain])
-        record(h.history)
-        record(by_domain.pop())
-        return len(h.history["loss"])
-
-    set_trainable_from(model, None)
-    print(f"phase 1: head only, {args.head_epochs} epochs at lr {args.head_lr}")
-    head_epochs_run = run_phase(args.head_epochs, args.head_lr) if args.head_epochs else 0
-    fine_epochs_run, best_epoch, deadline = 0, None, _deadline(started, args.max_minutes)
-    if args.epochs:
-        n = set_trainable_from(model, args.fine_tune_from)
-        print(f"phase 2: fine-tuning {n} base layers, up to {args.epochs} epochs at lr {args.lr} ({args.schedule})")
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.patience, restore_best_weights=True)
-        start_loss = None
-        if args.init_model and len(y_val):
-            trainer.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-            start_loss = float(trainer.evaluate(val_data, verbose=0, return_dict=True)["loss"])
-            print(f"validation loss of --init-model: {start_loss:.4f}")
-        lr = args.lr
-        if args.schedule == "cosine":
-            lr = keras.optimizers.schedules.CosineDecay(args.lr, decay_steps=args.epochs * len(train_data))
-        fine_epochs_run = run_phase(args.epochs, lr, [stop, deadline])
-        best_epoch = head_epochs_run + stop.best_epoch + 1
-        if keep_start_if_not_beaten(model, args.init_model, start_loss, stop.best):
-            best_epoch = 0
-    return head_epochs_run, fine_epochs_run, best_epoch, deadline.hit
+    keras.utils.set_random_seed(args.seed)
+    x = {lab: c.crops for lab, c in sets["train"].items()}
+    y = {lab: c.targets for lab, c in sets["train"].items()}
+    repeat = {"lisc": args.lisc_repeat}
+    val = sets["validation"]
+    weights = None if args.weights == "none" else args.weights
+    plan = [("head", args.low_size, 1, args.head_lr), ("low", args.low_size, args.epochs, args.lr),
+            ("high", 224, args.high_epochs, args.high_lr)]
+    total = sum(n for _, _, n, _ in plan)
+    done = set(state.get("done", []))
+    with distribution_scope(args.devices):
+        for phase, size, epochs, lr in plan:
+            if not epochs:
+                continue
+            model = build_model(len(config.LABELS), weights=weights if not done else None, dropout=args.dropout,
+                                image_size=(size, size))
+            weights = None  # only the first model starts from ImageNet; later ones take the previous weights
+            if (checkpoint / "last.weights.h5").is_file():
+                model.load_weights(checkpoint / "last.weights.h5")
+            set_trainable_from(model, None if phase == "head" else args.fine_tune_from)
+            start = sum(1 for d in done if d.startswith(phase + ":"))
+            if start >= epochs:
+                continue
+            steps_per_epoch = len(batches(x, y, repeat, size, args.batch_size, args.seed, 0))
+            schedule = (keras.optimizers.schedules.CosineDecay(lr, decay_steps=epochs * steps_per_epoch)
+                        if phase == "low" else lr)
+            model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"])
+            if start:  # resumed: the schedule continues where it stopped (the Adam moments start again)
+                model.optimizer.iterations.assign(start * steps_per_epoch)
+            end = EpochEnd(model, val, size, checkpoint, state, progress, total)
+            callback = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs, p=phase, f=end: f(p, e + 1, logs))
+            progress.say(f"{phase}: {size} px, epochs {start + 1}-{epochs}, {steps_per_epoch} steps of "
+                         f"{args.batch_size}, {'head only' if phase == 'head' else 'from ' + args.fine_tune_from}")
+            model.fit(batches(x, y, repeat, size, args.batch_size, args.seed, start * 1000), epochs=epochs,
+                      initial_epoch=start, callbacks=[callback], verbose=0)
+            done = set(state["done"])
+    # Best epoch by validation; exported at 224 in float32 whatever trained it.
+    final = build_model(len(config.LABELS), weights=None, dropout=args.dropout)
+    final.load_weights(checkpoint / "best.weights.h5")
+    return final
 
 
-def keep_start_if_not_beaten(model, init_model: Path | None, start_loss: float | None, best_loss: float) -> bool:
-    """Continuing from --init-model made validation worse: put its weights back. True when it did."""
-    if start_loss is None or best_loss < start_loss:
-        return False
-    print(f"no epoch beat the starting validation loss {start_loss:.4f}; keeping --init-model's weights")
-    model.load_weights(init_model)
-    return True
-
-
-def _domain_logger(model, x_val, y_val, val_domains):
-    """Validation accuracy per data source (Kaggle / PBC) after each epoch, kept apart from Keras' own logs."""
-    import keras
-
-    class DomainAccuracy(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.logs: dict[str, list[float]] = {}
-
-        def on_epoch_end(self, epoch, logs=None):
-            if len(np.unique(val_domains)) < 2:
-                return
-            probs = model.predict(x_val.astype(np.float32), batch_size=64, verbose=0)
-            for domain, accuracy in domain_accuracy(probs, y_val, val_domains).items():
-                self.logs.setdefault(f"val_accuracy_{domain}", []).append(accuracy)
-
-        def pop(self):
-            logs, self.logs = self.logs, {}
-            return logs
-
-    return DomainAccuracy()
-
-
-def plot_history(history: dict, phase_1_epochs: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = np.arange(1, len(history["loss"]) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ["accuracy", "loss"], strict=True):
-        ax.plot(epochs, history[metric], label=f"train {metric}")
-        ax.plot(epochs, history[f"val_{metric}"], label=f"validation {metric} (held-out source photos)")
-        if phase_1_epochs and phase_1_epochs < len(epochs):
-            ax.axvline(phase_1_epochs + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# --- the command ---------------------------------------------------------------------------------------------
 
 
 def library_versions() -> dict:
@@ -308,200 +355,226 @@ def library_versions() -> dict:
 
     versions = {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__,
                 "backend": keras.backend.backend()}
-    try:
-        backend_module = __import__({"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}[versions["backend"]])
-        versions[versions["backend"]] = backend_module.__version__
-    except Exception:
-        pass
+    module = {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}.get(versions["backend"])
+    if module:
+        versions[module] = __import__(module).__version__
     return versions
 
 
-def load_pbc(pbc_dir: Path, split_csv: Path, split: str, labels: list[str], limit: int, workers):
-    """Arrays of one split of the PBC set, by the committed split CSV (labels mapped to this model's order)."""
-    from hematovision.datasets import load_arrays
-    from training.evaluate import split_rows
-
-    image_set = split_rows(pbc_dir, split_csv, split, labels)
-    paths, targets = image_set.paths, image_set.targets
-    if limit:
-        keep = [i for k in range(len(labels)) for i in [j for j, t in enumerate(targets) if t == k][:limit]]
-        paths, targets = [paths[i] for i in keep], [targets[i] for i in keep]
-    return load_arrays(paths, workers=workers), np.asarray(targets, dtype=np.int32)
+def command_line(argv) -> str:
+    """The command as typed, with paths shown relative (no absolute path of this machine)."""
+    words = []
+    for word in (sys.argv[1:] if argv is None else list(argv)):
+        words.append(config.display_path(word) if os.path.isabs(word) else word)
+    return "python training/train.py " + " ".join(words)
 
 
-def domain_accuracy(probs: np.ndarray, y: np.ndarray, domains: np.ndarray) -> dict:
-    return {str(d): float((probs[domains == d].argmax(1) == y[domains == d]).mean()) for d in np.unique(domains)}
+def check_weights(weights: str) -> None:
+    """Fail before any work when the ImageNet weights cannot be had."""
+    if weights in ("imagenet", "none"):
+        if weights == "imagenet":
+            cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"), "models",
+                          "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
+            if not cached.is_file():
+                import urllib.request
+
+                try:
+                    urllib.request.urlopen("https://storage.googleapis.com", timeout=5).close()
+                except OSError as exc:
+                    raise DataError(f"--weights imagenet needs a download, and there is no connection; "
+                                    f"{config.OFFLINE_WEIGHTS_HINT}") from exc
+        return
+    if not Path(weights).is_file():
+        raise DataError(f"--weights file not found: {weights}; {config.OFFLINE_WEIGHTS_HINT}")
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def run(args, argv) -> dict:
     started = time.time()
+    progress = Progress(started)
+    if args.out.exists() and not (args.force or args.resume):
+        raise DataError(f"{args.out} exists; pass --force to replace it (or choose another --out)")
+    check_weights(args.weights)
+    checkpoint = args.out.with_name(args.out.stem + ".checkpoint")
+    state: dict = {}
+    if args.resume:
+        if not (checkpoint / "state.json").is_file():
+            raise DataError(f"nothing to resume: {checkpoint / 'state.json'} not found")
+        state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+        if state.get("settings") != settings_of(args):
+            raise DataError("--resume needs the same settings as the interrupted run: "
+                            f"{checkpoint / 'state.json'} has {state.get('settings')}")
+        started -= state.get("seconds", 0.0)
+        progress.started = started
+    elif checkpoint.exists():
+        shutil.rmtree(checkpoint)
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    state["settings"] = settings_of(args)
+
+    progress.step("data", f"labs {args.labs}" + (f", {args.hold_out} held out" if args.hold_out else ""))
+    sets = gather(args, checkpoint / "crops", progress)
+    for lab, crops in sets["train"].items():
+        if not len(crops.targets):
+            raise DataError(f"{lab}: no training image with a white cell found")
+
     import keras
 
-    from hematovision.datasets import list_images, load_arrays
-    from hematovision.imaging import IMAGE_SIZE
-    from hematovision.network import build_augmenter, build_model, set_trainable_from
-
-    keras.utils.set_random_seed(args.seed)
     device = detect_device()
-    use_mixed = args.mixed_precision == "on" or (args.mixed_precision == "auto" and device.startswith("GPU"))
-    loop = args.loop if args.loop != "auto" else ("torch" if keras.backend.backend() == "torch" else "fit")
-    print(f"Keras {keras.__version__} on {keras.backend.backend()}, device: {device}, mixed precision: {use_mixed}, "
-          f"loop: {loop}, augmentation: {args.augment}")
+    progress.step("train", f"Keras {keras.__version__} ({keras.backend.backend()}) on {device}, "
+                           f"{os.cpu_count()} CPU cores, {args.devices} device(s)")
+    try:
+        model = train(args, sets, checkpoint, state, progress)
+    except KeyboardInterrupt:
+        state["seconds"] = time.time() - started
+        (checkpoint / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+        raise
 
-    image_set = list_images(args.data_dir)
-    if args.limit:
-        rng = np.random.default_rng(args.seed)
-        keep = np.concatenate([rng.permutation(np.flatnonzero(np.asarray(image_set.targets) == k))[:args.limit]
-                               for k in range(len(image_set.labels))])
-        keep.sort()
-        image_set.paths = [image_set.paths[i] for i in keep]
-        image_set.targets = [image_set.targets[i] for i in keep]
-    relative = [image_set.relative(p) for p in image_set.paths]
-    groups = read_sources(args.sources, relative)
-    train_idx, val_idx = split_by_group(image_set.targets, groups, args.val_fraction, args.split_seed)
-    print(f"{len(image_set.paths)} images, classes {image_set.labels}; skipped folders: {image_set.skipped_folders}")
-    print(f"split by source photo: {len(train_idx)} train / {len(val_idx)} validation images, "
-          f"{len(set(np.asarray(groups)[val_idx]))} held-out groups")
+    progress.step("export")
+    staging = Path(tempfile.mkdtemp(prefix=args.out.stem + ".", dir=args.out.parent))
+    try:
+        staged = staging / args.out.name
+        metadata = describe(args, argv, sets, state, device)
+        from training import pipeline
 
-    t0 = time.time()
-    workers = args.workers or None
-    x = load_arrays(image_set.paths, workers=workers)
-    y = np.asarray(image_set.targets, dtype=np.int32)
-    x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
-    val_domains = np.full(len(val_idx), "kaggle")
-    pbc_counts = None
-    if args.pbc_dir:
-        xp_train, yp_train = load_pbc(args.pbc_dir, args.pbc_split, "train", image_set.labels, args.limit, workers)
-        xp_val, yp_val = load_pbc(args.pbc_dir, args.pbc_split, "validation", image_set.labels, args.limit, workers)
-        x_train, y_train = np.concatenate([x_train, xp_train]), np.concatenate([y_train, yp_train])
-        x_val, y_val = np.concatenate([x_val, xp_val]), np.concatenate([y_val, yp_val])
-        val_domains = np.concatenate([val_domains, np.full(len(yp_val), "pbc")])
-        pbc_counts = {"train": int(len(yp_train)), "validation": int(len(yp_val))}
-        print(f"PBC ({args.pbc_split.name}): {len(yp_train)} train / {len(yp_val)} validation images added")
-    del x
-    print(f"decoded {len(x_train) + len(x_val)} images in {time.time() - t0:.1f} s")
+        pipeline.export(model, staged, metadata)
+        del model
+        keras.backend.clear_session()
 
-    # The augmenter stays float32 (it is built before any mixed policy); only the network computes in bf16.
-    augmenter = build_augmenter(args.seed, args.augment)
-    if use_mixed:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    weights = None if args.weights.lower() == "none" else args.weights
-    model = build_model(len(image_set.labels), weights=None if args.init_model else weights, dropout=args.dropout)
-    previous = None
-    if args.init_model:
-        # Weights only: the architecture is rebuilt here, under whatever dtype policy this run uses.
-        model.load_weights(args.init_model)
-        meta = args.init_model.with_suffix(".json")
-        previous = json.loads(meta.read_text(encoding="utf-8")).get("training") if meta.is_file() else None
-        if previous and previous.get("class_counts") and list(previous["class_counts"]) != image_set.labels:
-            raise SystemExit(f"--init-model was trained on {list(previous['class_counts'])}, not {image_set.labels}")
-    history: dict[str, list[float]] = {}
+        progress.step("calibrate", "temperature and the 'uncertain' rule, on the validation rows")
+        from hematovision.classifier import load_classifier
 
-    def record(h: dict):
-        for key, values in h.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
+        classifier = load_classifier(staged)
+        train_parts = [pipeline.outputs(classifier, c.crops, one_view_seed=args.seed)[1]
+                       for c in sets["train"].values()]
+        val_outputs = {lab: pipeline.outputs(classifier, c.crops) for lab, c in sets["validation"].items()}
+        fitted = pipeline.fit_calibration(
+            np.concatenate(train_parts), np.concatenate([c.targets for c in sets["train"].values()]),
+            np.concatenate([o[0] for o in val_outputs.values()]),
+            np.concatenate([c.targets for c in sets["validation"].values()]),
+            np.concatenate([o[1] for o in val_outputs.values()]),
+            np.concatenate([np.full(len(c.targets), lab) for lab, c in sets["validation"].items()]))
+        pipeline.write_calibration(staged, fitted, {
+            "validation_data": ", ".join(f"{lab} validation ({len(c.targets)} crops)"
+                                         for lab, c in sets["validation"].items()),
+            "training_data": ", ".join(f"{lab} train ({len(c.targets)} crops)" for lab, c in sets["train"].items())
+                             + f"; one random flip/quarter-turn of each (seed {args.seed})",
+            "rates": "at most 0.005 of each validation lab flagged by either threshold",
+        })
 
-    deadline_at = started + args.max_minutes * 60 if args.max_minutes else 0.0
-    plan = {}
-    if loop == "torch":
-        from training.torch_loop import TorchTrainer
+        progress.step("evaluate", "held-out rows, through the app's classifier")
+        classifier = load_classifier(staged)
+        evaluation = {}
+        for lab, crops in sets["test"].items():
+            name = f"{lab}_test" + ("_held_out_lab" if lab == args.hold_out else "")
+            result = pipeline.assess_crops(classifier, crops, unknown_type=lab == "lisc", sources=lab == "kaggle")
+            evaluation[name] = result
+            progress.say(f"{name}: accuracy {result['accuracy']:.4f} (n={result['n']}), answered "
+                         f"{1 - result['abstention_rate']:.1%}, right when answered {result['accuracy_answered']:.4f}")
+            from training.metrics import plot_confusion
 
-        trainer = TorchTrainer(model, augmenter, x_train, y_train, x_val, y_val, val_domains, args.batch_size,
-                               args.seed)
-        set_trainable_from(model, None)
-        print(f"phase 1: head only, {args.head_epochs} epochs at lr {args.head_lr}")
-        head = trainer.run_phase(args.head_epochs, args.head_lr, "constant") if args.head_epochs else None
-        head_epochs_run = len(head["history"]["loss"]) if head else 0
-        if head:
-            record(head["history"])
-        fine_epochs_run, best_epoch, hit_deadline = 0, None, False
-        if args.epochs:
-            n = set_trainable_from(model, args.fine_tune_from)
-            epochs = args.epochs
-            start_loss = trainer.evaluate()["val_loss"] if args.init_model else None
-            if deadline_at:
-                t_eval = time.time()
-                trainer.evaluate()
-                eval_s = time.time() - t_eval
-                epoch_s = trainer.time_steps() * trainer.steps_per_epoch + eval_s
-                left = deadline_at - time.time() - 30  # leave time to export and save
-                epochs = max(1, min(args.epochs, int(left // epoch_s)))
-                plan = {"seconds_per_epoch_estimate": round(epoch_s, 1), "planned_epochs": epochs}
-                print(f"time plan: ~{epoch_s:.1f} s per epoch -> {epochs} fine-tuning epochs")
-            print(f"phase 2: fine-tuning {n} base layers, {epochs} epochs at lr {args.lr} ({args.schedule})")
-            fine = trainer.run_phase(epochs, args.lr, args.schedule, patience=args.patience, deadline=deadline_at)
-            record(fine["history"])
-            fine_epochs_run = len(fine["history"]["loss"])
-            best_epoch = head_epochs_run + (fine["best_epoch"] or fine_epochs_run)
-            hit_deadline = fine["stopped_by_time_budget"]
-            if keep_start_if_not_beaten(model, args.init_model, start_loss, fine["best"]):
-                best_epoch = 0
-    else:
-        head_epochs_run, fine_epochs_run, best_epoch, hit_deadline = fit_keras(
-            args, model, augmenter, x_train, y_train, x_val, y_val, val_domains, record, started)
+            plot_confusion(result, staging / f"{args.out.stem}_confusion_{name}.png",
+                           f"{name}: accuracy {result['accuracy']:.3f} (n={result['n']})")
+        plot_history(state["history"], staging / f"{args.out.stem}_curves.png")
+        meta_path = staged.with_suffix(".json")
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        metadata["evaluation"] = {k: {key: v for key, v in r.items() if key != "per_source"} | (
+            {"per_source_summary": {key: v for key, v in r["per_source"].items() if key != "sources"}}
+            if "per_source" in r else {}) for k, r in evaluation.items()}
+        metadata["training"]["wall_seconds"] = round(time.time() - started, 1)
+        meta_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: p.suffix == ".h5"):  # the .h5 last
+            os.replace(path, args.out.parent / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    progress.say(f"wrote {args.out} and its .json, .tflite, _ood.npz, curves and confusion matrices in "
+                 f"{metadata['training']['wall_seconds'] / 60:.1f} min")
+    return metadata
 
-    # Export in float32 whatever policy trained it: the served model must not carry a GPU-only dtype policy.
-    keras.mixed_precision.set_global_policy("float32")
-    export = build_model(len(image_set.labels), weights=None, dropout=args.dropout)
-    export.set_weights(model.get_weights())
-    val_probs = export.predict(x_val.astype(np.float32), batch_size=64, verbose=0) if len(y_val) else None
-    val_accuracy = float((val_probs.argmax(1) == y_val).mean()) if val_probs is not None else None
-    val_by_domain = domain_accuracy(val_probs, y_val, val_domains) if val_probs is not None else {}
-    print(f"validation accuracy (held-out source photos / PBC validation rows, float32 export): {val_accuracy} "
-          f"{val_by_domain}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    export.save(args.out)
-    curves = args.out.with_name(args.out.stem + "_curves.png")
-    if history.get("val_loss"):
-        plot_history(history, head_epochs_run, curves)
-    metadata = {
+def settings_of(args) -> dict:
+    return {k: (v.as_posix() if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in ("out", "data_root", "force", "resume", "workers")}
+
+
+def describe(args, argv, sets: dict, state: dict, device: str) -> dict:
+    """The metadata that travels with the weights."""
+    counts = {split: {lab: {"files": len(c.rows), "cells_found": int(c.found.sum())} for lab, c in by_lab.items()}
+              for split, by_lab in sets.items()}
+    return {
         "name": "HematoVision MobileNetV2 white-cell classifier",
-        "labels": image_set.labels,
-        "image_size": list(IMAGE_SIZE),
+        "labels": list(config.LABELS),
+        "image_size": [224, 224],
         "input": "RGB, 224x224, pixel values 0-255 (uint8 range); scaling to [-1, 1] is inside the model",
-        "preprocessing": "hematovision.imaging.prepare_bytes: decode, EXIF orientation, RGB, bilinear resize to "
-                         "224x224 (aspect ratio not kept)",
+        "preprocessing": ("hematovision.imaging.prepare_field: decode, EXIF orientation, RGB, find each white cell "
+                          "(hematovision.cells), one canonical 224x224 crop per cell"),
         "architecture": "MobileNetV2 alpha 1.0 (ImageNet-initialised) + global average pooling + dropout + dense",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "training": {
-            "command": "python training/train.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "data_dir": args.data_dir.as_posix(),
-            "images": len(image_set.paths),
-            "class_counts": image_set.counts(),
-            "train_images": int(len(y_train)),
-            "validation_images": int(len(y_val)),
-            "pbc": ({"dir": args.pbc_dir.as_posix(), "split_csv": args.pbc_split.name, **pbc_counts}
-                    if pbc_counts else None),
-            "augmentation": args.augment,
-            "loop": loop,
-            "validation_split": f"{args.val_fraction} of source photos per class, seed {args.split_seed}, "
-                                f"grouped by {args.sources.name if args.sources else 'file'}",
-            "validation_groups": len(set(np.asarray(groups)[val_idx])),
-            "base_weights": Path(args.weights).name if weights else "none",
-            "settings": {k: (v.as_posix() if isinstance(v, Path) else v) for k, v in vars(args).items()
-                         if k not in ("data_dir", "out", "sources", "init_model", "pbc_dir", "pbc_split")},
-            "epochs_run": {"head": head_epochs_run, "fine_tune": fine_epochs_run, "best_epoch": best_epoch,
-                           "stopped_by_time_budget": hit_deadline, **plan},
-            "history": history,
+            "command": command_line(argv),
+            "labs": args.labs,
+            "held_out_lab": args.hold_out,
+            "data": counts,
+            "splits": ("Kaggle TRAIN: validation = whole source photos (training/splits/kaggle_train_sources.csv, "
+                       f"fraction {args.val_fraction}, seed {args.seed}), at most {args.kaggle_per_photo} copies "
+                       "per photo; PBC: training/splits/pbc_split.csv; LISC: by cell_id, 60/20/20 per class, "
+                       f"seed {args.seed}. Test rows were never used for a choice."),
+            "chosen_on": "the epoch with the best mean validation accuracy over the training labs",
+            "base_weights": Path(args.weights).name,
+            "settings": settings_of(args),
+            "history": state.get("history", []),
+            "best_epoch": state.get("best"),
             "device": device,
-            "mixed_precision": use_mixed,
-            "seconds": round(time.time() - started, 1),
-            "continued_from": ({"model": args.init_model.name, "training": previous} if args.init_model else None),
+            "cpu_count": os.cpu_count(),
         },
         "versions": library_versions(),
-        "validation": {"accuracy": val_accuracy, "n": int(len(y_val)), "by_domain": val_by_domain},
+        "validation": {"mean_accuracy": state.get("best_val_mean"),
+                       "by_lab": next((h["val_accuracy"] for h in state.get("history", [])
+                                       if {"phase": h["phase"], "epoch": h["epoch"]} == state.get("best")), {})},
         "evaluation": {},
     }
-    meta_path = args.out.with_suffix(".json")
-    if meta_path.exists():  # keep figures measured on earlier models only if they describe this file: they don't
-        print(f"replacing {meta_path}; re-run training/evaluate.py --update-metadata for test figures")
-    meta_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}, {meta_path.name}, {curves.name} in {time.time() - started:.0f} s")
-    return metadata
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    x = np.arange(1, len(history) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(x, [h["loss"] for h in history], label="training loss (augmented)")
+    axes[0].set_title("loss")
+    for lab in history[-1]["val_accuracy"]:
+        axes[1].plot(x, [h["val_accuracy"].get(lab, np.nan) for h in history], label=f"validation {lab}")
+    axes[1].set_title("validation accuracy")
+    for ax in axes:
+        for i, h in enumerate(history[1:], start=1):
+            if h["phase"] != history[i - 1]["phase"]:
+                ax.axvline(i + 0.5, color="grey", linestyle="--")
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args, argv)
+    except DataError as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with the same command and --resume "
+              f"(checkpoint: {args.out.with_name(args.out.stem + '.checkpoint')})", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    main()
+    sys.exit(main())

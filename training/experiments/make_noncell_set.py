@@ -1,6 +1,7 @@
 """Build, deterministically, a set of images that are NOT white-cell images, to measure the abstention rule.
 
-    python training/make_noncell_set.py --bccd-dir ../shared/data/blood-cells/dataset-master --out /tmp/hv_noncell
+    python training/experiments/make_noncell_set.py --bccd-dir ../shared/data/blood-cells/dataset-master \
+        --out /tmp/hv_noncell
 
 Writes a few hundred images into --out (outside git; the folder is emptied first), one folder per kind, and
 `manifest.csv` (path,kind,source). The same command gives the same files on any machine with the pinned
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULTS = {"out": Path("/tmp/hv_noncell"), "seed": 20261126}
 NATURAL = ["astronaut", "brick", "camera", "cat", "cell", "checkerboard", "clock", "coffee", "coins", "colorwheel",
            "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",

@@ -25,7 +25,7 @@ A self-check makes synthetic augmentations of originals (random rotation with bl
 shifts, JPEG re-encoding), runs the same matcher and prints how many map back to their own original.
 
 Reproduce (from the repository root, ~5 minutes on 2 cores):
-    python training/group_sources.py --kaggle-dir ../shared/data/blood-cells \
+    python training/experiments/group_sources.py --kaggle-dir ../shared/data/blood-cells \
         --out training/splits/kaggle_train_sources.csv
 
 TEST (--split TEST, ~10 minutes) is grouped the same way, for per-source-photo figures in evaluation. Every
@@ -35,7 +35,7 @@ folder holds two exact duplicate pairs (originals 93 and 139), and about 48 TEST
 originals 62 and 95, which are in neither TRAIN nor TEST_SIMPLE (checked by eye). So TEST has 71 source photos, not
 69: 13 EOSINOPHIL (~48 images each), 6 LYMPHOCYTE (~103), 4 MONOCYTE (~155), 48 NEUTROPHIL (13). The script prints
 each class's sources against TEST_SIMPLE's and fails if one of TEST_SIMPLE's is never matched:
-    python training/group_sources.py --kaggle-dir ../shared/data/blood-cells --split TEST \
+    python training/experiments/group_sources.py --kaggle-dir ../shared/data/blood-cells --split TEST \
         --out training/splits/kaggle_test_sources.csv
 """
 

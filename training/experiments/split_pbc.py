@@ -1,6 +1,6 @@
 """Write the fixed, stratified train / validation / test split of the PBC set (a second lab) to a CSV.
 
-    python training/split_pbc.py --data-dir ../shared/data/pbc-4class
+    python training/experiments/split_pbc.py --data-dir ../shared/data/pbc-4class
 
 Each PBC image is one cell photographed once (the set's duplicates were removed upstream), so a stratified split
 by file is honest here, unlike Kaggle TRAIN's augmented copies. Per class, the files are sorted by name, shuffled
@@ -18,7 +18,7 @@ import numpy as np
 
 from hematovision.datasets import list_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULTS = {"out": ROOT / "training" / "splits" / "pbc_split.csv", "seed": 1337, "fractions": (0.6, 0.2, 0.2)}
 SPLITS = ("train", "validation", "test")
 

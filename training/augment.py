@@ -1,0 +1,71 @@
+"""Training-time augmentation of canonical cell crops, in NumPy and Pillow on uint8 batches (any Keras backend;
+cheap next to a training step), with one seeded generator.
+
+What varies between labs and between two photos of one cell: orientation (any quarter-turn, mirror), a little
+scale and centring (the cell finder's box is not exact), stain colour (haematoxylin/eosin amounts), brightness,
+contrast, saturation and white balance, focus; some labs' cameras are close to grey. The cell's own shape and
+texture are what stay, and what the network should learn.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+# Ruifrok & Johnston's haematoxylin / eosin / DAB optical densities (rows: stains, columns: R, G, B).
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED = (_RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)).astype(np.float32)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
+
+
+def place(image: np.ndarray, size: int, rng: np.random.Generator, min_scale: float) -> Image.Image:
+    """A random square of `min_scale`..1 of the crop's side, anywhere inside it, resized to `size`."""
+    side = image.shape[0]
+    cut = int(round(side * rng.uniform(min_scale, 1.0)))
+    x, y = rng.integers(0, side - cut + 1, size=2)
+    picture = Image.fromarray(image).crop((int(x), int(y), int(x) + cut, int(y) + cut))
+    return picture.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def colour(batch: np.ndarray, rng: np.random.Generator, stain: float, light: float, grey: float) -> np.ndarray:
+    """Per-image stain jitter in optical-density space (Tellez et al. 2018), brightness / contrast / saturation /
+    white balance, and a share `grey` of images turned grey. float32 0-255 in and out."""
+    n = len(batch)
+
+    def factor(low, high, channels=1):
+        return rng.uniform(low, high, (n, 1, 1, channels)).astype(np.float32)
+
+    density = -np.log((batch + 1.0) / 256.0)
+    stains = density @ _HED_FROM_RGB
+    batch = 256.0 * np.exp(-((stains * factor(1 - stain, 1 + stain, 3) + factor(-stain, stain, 3)) @ _RGB_FROM_HED))
+    batch -= 1.0
+    grey_level = batch.mean(axis=-1, keepdims=True)
+    batch = grey_level + (batch - grey_level) * factor(1 - 2 * light, 1 + light)
+    mean = batch.mean(axis=(1, 2, 3), keepdims=True)
+    batch = mean + (batch - mean) * factor(1 - light, 1 + light)
+    batch *= factor(1 - light, 1 + light) * factor(1 - light / 3, 1 + light / 3, 3)
+    to_grey = rng.random(n) < grey
+    batch[to_grey] = batch[to_grey].mean(axis=-1, keepdims=True)
+    return np.clip(batch, 0.0, 255.0, out=batch)
+
+
+def augment(crops: np.ndarray, size: int, rng: np.random.Generator, *, min_scale: float = 0.85,
+            stain: float = 0.08, light: float = 0.15, grey: float = 0.1, blur: float = 0.2) -> np.ndarray:
+    """(N, H, W, 3) uint8 crops -> (N, size, size, 3) float32 0-255 augmented copies."""
+    out = np.empty((len(crops), size, size, 3), np.float32)
+    for i, image in enumerate(crops):
+        picture = place(image, size, rng, min_scale)
+        if rng.random() < blur:
+            picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2) * size / 224))
+        array = np.rot90(np.asarray(picture), k=int(rng.integers(4)))
+        out[i] = array[:, ::-1] if rng.random() < 0.5 else array
+    return colour(out, rng, stain, light, grey)
+
+
+def resize(crops: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8, as served crops look at that size (no augmentation)."""
+    if crops.shape[1] == size:
+        return crops
+    resample = Image.Resampling.BILINEAR
+    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), resample)) for c in crops]) if len(crops) \
+        else np.zeros((0, size, size, 3), np.uint8)

@@ -1,0 +1,78 @@
+"""Labelled files -> the canonical crop of each one's primary white cell, decoded once into memory.
+
+The crops come from hematovision.imaging.primary_crop_file: the same decode, orientation, cell finding and
+crop as an upload to the app. Files where no white cell is found are kept out of training and counted; an
+evaluation counts them as answered wrongly ("no white cell found").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hematovision.imaging import IMAGE_SIZE, primary_crop_file
+from training.splits import Rows
+
+
+@dataclass
+class CropSet:
+    """Crops of the files of `rows` where a white cell was found (`found` marks which)."""
+
+    rows: Rows
+    crops: np.ndarray  # (found.sum(), 224, 224, 3) uint8
+    found: np.ndarray  # (len(rows),) bool
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.asarray(self.rows.targets, np.int32)[self.found]
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.asarray(self.rows.groups)[self.found]
+
+
+def _crop(path: Path) -> np.ndarray | None:
+    try:
+        return primary_crop_file(path)
+    except ValueError:  # ImageRejected: an unreadable file is a file without a usable cell
+        return None
+
+
+def _cache_key(rows: Rows) -> str:
+    import hematovision.cells as cells
+
+    digest = hashlib.sha256(Path(cells.__file__).read_bytes())
+    for path in rows.paths:
+        digest.update(str(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_crops(rows: Rows, *, workers: int | None = None, cache_dir: Path | None = None,
+               desc: str = "") -> CropSet:
+    """Crops of every file of `rows`, in parallel processes (cell finding is CPU-bound numpy/SciPy).
+    With `cache_dir`, kept there (keyed by the file list and the cell finder's code) for a resumed run."""
+    cache = Path(cache_dir) / f"crops_{rows.lab}_{_cache_key(rows)}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        with np.load(cache) as data:
+            return CropSet(rows, data["crops"], data["found"])
+    workers = workers or os.cpu_count() or 1
+    results: list[np.ndarray | None] = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        chunks = pool.map(_crop, rows.paths, chunksize=32)
+        results = list(tqdm(chunks, total=len(rows), desc=desc or rows.lab, unit="img", leave=False,
+                            mininterval=2.0))
+    found = np.array([r is not None for r in results], bool)
+    crops = (np.stack([r for r in results if r is not None]) if found.any()
+             else np.zeros((0, *IMAGE_SIZE, 3), np.uint8))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, crops=crops, found=found)
+        os.replace(tmp, cache)
+    return CropSet(rows, crops, found)
