@@ -20,7 +20,8 @@ def build_model(num_classes: int, weights: str | None = "imagenet", dropout: flo
     base = keras.applications.MobileNetV2(
         include_top=False, alpha=1.0, input_shape=(*image_size, 3), weights=weights, name=BASE_NAME
     )
-    # training=False keeps batch norm in inference mode even once the base is unfrozen (Keras guide).
+    # Batch norm must stay in inference mode (ImageNet statistics, no one lab's): in Keras 3 the training flag of
+    # fit() overrides this training=False, so set_trainable_from() also freezes every BatchNormalization layer.
     x = base(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
@@ -35,7 +36,9 @@ def base_of(model: keras.Model) -> keras.Model:
 
 def set_trainable_from(model: keras.Model, first_layer: str | None) -> int:
     """Freeze the base below `first_layer` (a layer name of MobileNetV2, e.g. 'block_13_expand');
-    None freezes the whole base, '' unfreezes it all. Returns the number of trainable base layers."""
+    None freezes the whole base, '' unfreezes it all. Batch-norm layers stay frozen, so they run in inference
+    mode: batch statistics of a few labs' crops would drift from the moving averages the model is served with.
+    Returns the number of trainable base layers."""
     base = base_of(model)
     if first_layer is None:
         base.trainable = False
@@ -44,5 +47,5 @@ def set_trainable_from(model: keras.Model, first_layer: str | None) -> int:
     names = [layer.name for layer in base.layers]
     start = 0 if first_layer == "" else names.index(first_layer)
     for i, layer in enumerate(base.layers):
-        layer.trainable = i >= start
-    return len(base.layers) - start
+        layer.trainable = i >= start and not isinstance(layer, layers.BatchNormalization)
+    return sum(layer.trainable for layer in base.layers)

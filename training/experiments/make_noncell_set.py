@@ -17,7 +17,7 @@ scikit-image and Pillow. Kinds:
 - text: rendered words and lines in Pillow's bundled font, in various sizes and colours;
 - ui: screenshot-like synthetic application windows (title bar, menu, side bar, buttons, text, a chart).
 
-Measure with training/measure_abstention.py --noncell-dir /tmp/hv_noncell.
+Measure with training/experiments/measure_abstention.py --noncell-dir /tmp/hv_noncell.
 """
 
 from __future__ import annotations
