@@ -3,7 +3,8 @@
 Every error under /api/ is JSON, `{"error": {"status": N, "message": "..."}}`: the views answer the errors they
 find, hematovision.errors those Flask raises before a view runs (404, 405, 413). The API keeps no cookies and
 is exempt from the forms' CSRF check. In a batch, a file that is not a usable image gets its own error entry;
-the other files are still classified.
+the other files are still classified. Each result lists every white cell found in the image (`cells`, with its box in
+the image's pixels) and repeats the primary cell's answer (the one nearest the image centre) at the top level.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from hematovision.batch import ItemResult, classify_files
 from hematovision.classifier import public_metadata
 from hematovision.errors import API_PREFIX, json_error
 from hematovision.openapi import build_openapi
-from hematovision.web import get_classifier, uncertain_below
+from hematovision.web import get_classifier, max_cells_per_image, uncertain_below
 
 DECIMALS = 4  # probabilities in the answers: more digits would only be noise
 
@@ -37,11 +38,13 @@ def predict():
         [(upload.filename or "", upload.read()) for upload in uploads],
         max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
         uncertain_below=uncertain_below(),
+        max_cells=max_cells_per_image(),
     )
     if len(results) == 1 and not results[0].ok:
         # One file: answer with its own status (400/413/415), as the page does.
         return json_error(results[0].error.status, results[0].error.message)
-    current_app.logger.info("API classified %d of %d files", sum(r.ok for r in results), len(results))
+    current_app.logger.info("API: %d of %d files read, %d white cells", sum(r.ok for r in results), len(results),
+                            sum(len(r.cells) for r in results))
     return jsonify({"results": [describe_result(r) for r in results]})
 
 
@@ -64,7 +67,8 @@ def model_metadata():
 
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(build_openapi(get_classifier().labels, int(current_app.config["MAX_BATCH_FILES"])))
+    return jsonify(build_openapi(get_classifier().labels, int(current_app.config["MAX_BATCH_FILES"]),
+                                 max_cells_per_image()))
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -78,12 +82,31 @@ def describe_model_version(metadata: dict, model_sha256: str) -> str:
 
 
 def describe_result(result: ItemResult) -> dict:
+    """One file's answer: every white cell found, and at the top level the primary cell's answer (the cell nearest
+    the image centre); with no white cell, `cells` is empty and the answer is uncertain with no label."""
     if not result.ok:
         return {"filename": result.filename, "error": {"status": result.error.status, "message": result.error.message}}
+    primary = result.primary_cell
     return {
         "filename": result.filename,
         "label": result.label,
-        "probabilities": {label: round(p, DECIMALS) for label, p in result.probabilities.items()},
+        "probabilities": rounded(primary.probabilities) if primary else None,
         "uncertain": result.uncertain,
         "reason": result.reason,
+        "primary": result.primary,
+        "cells_found": result.cells_found,
+        "cells": [
+            {
+                "box": list(cell.box),
+                "label": cell.label,
+                "probabilities": rounded(cell.probabilities),
+                "uncertain": cell.uncertain,
+                "reason": cell.reason,
+            }
+            for cell in result.cells
+        ],
     }
+
+
+def rounded(probabilities: dict[str, float]) -> dict[str, float]:
+    return {label: round(p, DECIMALS) for label, p in probabilities.items()}

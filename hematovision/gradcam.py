@@ -5,7 +5,10 @@ MobileNetV2 (`mobilenetv2_1.00_224`, whose last layer is `out_relu`, 7x7x1280). 
 class *logit* when the model ends in a softmax Dense layer: the gradient of a probability near 1 vanishes and
 would leave a blank map exactly for the most confident answers.
 
-That block is coarse: one heatmap cell is 32x32 input pixels, and a white cell on a Kaggle photo spans about two.
+The model sees one white cell at a time, on its canonical crop (hematovision.cells), so the heatmap is computed on
+that crop and drawn back onto the field where the crop came from (crop_window, overlay_cell_heatmaps).
+
+That block is coarse: one heatmap cell is 32x32 input pixels, and a white cell fills about half of the crop's side.
 `compute_heatmap(..., shifts=k)` refines it by translation averaging: the input is shifted by k x k sub-cell offsets
 (edge pixels repeated), each map is stretched to the input's 224x224 pixels and shifted back, and the maps are
 averaged. Each shifted copy samples the image on a grid offset by a fraction of a cell, so the average has detail
@@ -29,6 +32,7 @@ import threading
 import numpy as np
 from PIL import Image
 
+from hematovision.cells import CROP_SCALE
 from hematovision.imaging import IMAGE_SIZE
 
 # Shifted copies per axis for the app's heatmap. Chosen on the boxed validation photos the model never trained on
@@ -182,10 +186,10 @@ def upsample_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def find_peak(heatmap: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
     """(x, y) of the hottest point once the heatmap is stretched over an image of `size` = (width, height):
-    the centre of the hottest heatmap cell (the model input is the whole image stretched to 224x224, so the
-    mapping is linear on each axis). Inside the map that is where the bilinear upsampling peaks too; for a cell
-    on the map's edge the upsampled map is flat from the cell's centre out to the border, and its first maximal
-    pixel would be the image's border or corner, half a cell from where the value was computed."""
+    the centre of the hottest heatmap cell (the heatmap is stretched over the image linearly on each axis). Inside
+    the map that is where the bilinear upsampling peaks too; for a cell on the map's edge the upsampled map is flat
+    from the cell's centre out to the border, and its first maximal pixel would be the image's border or corner,
+    half a cell from where the value was computed."""
     rows, cols = np.shape(heatmap)
     i, j = np.unravel_index(int(np.argmax(heatmap)), (rows, cols))
     x = min(int((j + 0.5) * size[0] / cols), size[0] - 1)
@@ -207,6 +211,40 @@ def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, strength: float = 0
     full = upsample_heatmap(heatmap, image.size)
     alpha = (strength * (0.25 + 0.75 * full))[..., None]
     blended = rgb * (1 - alpha) + colorize(full).astype(np.float64) * alpha
+    return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8), mode="RGB")
+
+
+def crop_window(box: tuple[int, int, int, int]) -> tuple[int, int, int]:
+    """(x0, y0, side): the square of the image that a cell's canonical crop shows (hematovision.cells.canonical_crop:
+    CROP_SCALE x the cell's diameter, centred on its box), in the image's pixels; it may reach past the edges."""
+    x0, y0, x1, y1 = box
+    side = max(1, round(CROP_SCALE * max(x1 - x0, y1 - y0)))
+    return round((x0 + x1) / 2 - side / 2), round((y0 + y1) / 2 - side / 2), side
+
+
+def overlay_cell_heatmaps(
+    image: Image.Image, scale: float, cells: list[tuple[tuple[int, int, int, int], np.ndarray]], strength: float = 0.55
+) -> Image.Image:
+    """The field with each cell's heatmap drawn back where its crop came from. `cells`: (box in the original image's
+    pixels, heatmap over that cell's crop); `image` is the field shown at `scale` x the original's size. Each heatmap
+    covers its cell's crop window (where neighbouring windows overlap, the hotter value shows); the rest of the field,
+    which the model did not look at for any cell, is left as it is."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    height, width = rgb.shape[:2]
+    heat = np.zeros((height, width), np.float64)
+    covered = np.zeros((height, width), bool)
+    for box, heatmap in cells:
+        x0, y0, side = (value * scale for value in crop_window(box))
+        left, top, size = round(x0), round(y0), max(1, round(side))
+        full = upsample_heatmap(heatmap, (size, size))
+        ys, xs = slice(max(0, top), min(height, top + size)), slice(max(0, left), min(width, left + size))
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            continue
+        part = full[ys.start - top : ys.stop - top, xs.start - left : xs.stop - left]
+        heat[ys, xs] = np.maximum(heat[ys, xs], part)
+        covered[ys, xs] = True
+    alpha = np.where(covered, strength * (0.25 + 0.75 * heat), 0.0)[..., None]
+    blended = rgb * (1 - alpha) + colorize(heat).astype(np.float64) * alpha
     return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8), mode="RGB")
 
 

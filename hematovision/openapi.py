@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from hematovision.abstention import LOW_CONFIDENCE, UNLIKE_TRAINING
+from hematovision.batch import MAX_CELLS_PER_IMAGE, NO_WHITE_CELL
 
 
-def build_openapi(labels: list[str], max_files: int) -> dict:
-    """The document for a model with these `labels` and a server taking up to `max_files` files per request."""
+def build_openapi(labels: list[str], max_files: int, max_cells: int = MAX_CELLS_PER_IMAGE) -> dict:
+    """The document for a model with these `labels` and a server taking up to `max_files` files per request and
+    classifying up to `max_cells` white cells per image."""
     error = {"$ref": "#/components/schemas/Error"}
 
     def error_reply(text: str) -> dict:
@@ -18,15 +20,23 @@ def build_openapi(labels: list[str], max_files: int) -> dict:
         "info": {
             "title": "HematoVision API",
             "version": "1",
-            "summary": "Classify images of stained white blood cells into " + ", ".join(labels) + ".",
+            "summary": "Find the white blood cells in stained smear images and classify each into "
+            + ", ".join(labels) + ".",
             "description": (
-                "A research tool, not a medical device. Probabilities are calibrated (temperature scaling fitted "
-                "on validation data). `uncertain` is true when the answer is \"uncertain / not a white blood "
-                "cell\" rather than `label`, and `reason` says why: `unlike_training_cells` when the image's "
-                "features are far from every kind of training cell (it may not be a white-cell image, or comes "
-                "from another microscope or stain), `low_confidence` when the top probability is below the "
-                "model's fitted threshold (or the server's UNCERTAIN_BELOW setting). `label` is then only the "
-                "model's forced choice among its classes. Neither test is perfect: see the model card."
+                "A research tool, not a medical device. Every white blood cell found in an image is boxed "
+                "(`cells[].box`: xmin, ymin, xmax, ymax in the image's pixels, after its EXIF orientation; xmax and "
+                "ymax exclusive) and classified on its own crop; the top-level `label`, `probabilities`, "
+                "`uncertain` and `reason` repeat the answer of the primary cell, `cells[primary]`: the one whose "
+                "box centre is nearest the image centre. An image without a white cell has `cells: []`, "
+                f"`label: null`, `uncertain: true` and `reason: \"{NO_WHITE_CELL}\"`. At most {max_cells} cells "
+                "are classified per image, those nearest its centre; `cells_found` counts all that were found. "
+                "Probabilities are calibrated (temperature scaling fitted on validation data). `uncertain` is true "
+                "when the answer is \"uncertain / not a white blood cell\" rather than `label`, and `reason` says "
+                "why: `unlike_training_cells` when the cell's features are far from every kind of training cell "
+                "(it may not be a white cell, or comes from another microscope or stain), `low_confidence` when "
+                "the top probability is below the model's fitted threshold (or the server's UNCERTAIN_BELOW "
+                "setting). `label` is then only the model's forced choice among its classes. Neither test is "
+                "perfect: see the model card."
             ),
             "license": {"name": "MIT", "identifier": "MIT"},
         },
@@ -34,11 +44,11 @@ def build_openapi(labels: list[str], max_files: int) -> dict:
             "/api/predict": {
                 "post": {
                     "operationId": "predict",
-                    "summary": "Classify one or more images",
+                    "summary": "Find and classify the white cells of one or more images",
                     "description": (
-                        f"Send up to {max_files} images in the multipart field `file`. The model runs once on "
-                        "the whole batch. One file that is not a usable image fails the request with its own "
-                        "status; in a batch of several, it gets an error entry and the others are classified."
+                        f"Send up to {max_files} images in the multipart field `file`. One file that is not a "
+                        "usable image fails the request with its own status; in a batch of several, it gets an "
+                        "error entry and the others are classified."
                     ),
                     "requestBody": {
                         "required": True,
@@ -122,22 +132,69 @@ def build_openapi(labels: list[str], max_files: int) -> dict:
                 },
                 "Prediction": {
                     "type": "object",
-                    "required": ["filename", "label", "probabilities", "uncertain", "reason"],
+                    "required": ["filename", "label", "probabilities", "uncertain", "reason", "primary",
+                                 "cells_found", "cells"],
                     "properties": {
                         "filename": {"type": "string"},
-                        "label": {"type": "string", "enum": list(labels)},
-                        "probabilities": {
-                            "type": "object",
-                            "properties": {label: probability for label in labels},
-                            "additionalProperties": False,
+                        "label": {
+                            "type": ["string", "null"],
+                            "enum": [*labels, None],
+                            "description": "The primary cell's class; null when no white cell was found",
                         },
+                        "probabilities": {
+                            "oneOf": [{"$ref": "#/components/schemas/Probabilities"}, {"type": "null"}],
+                            "description": "The primary cell's; null when no white cell was found",
+                        },
+                        "uncertain": {"type": "boolean", "description": "The primary cell's; true with no cell"},
+                        "reason": {
+                            "type": ["string", "null"],
+                            "enum": [UNLIKE_TRAINING, LOW_CONFIDENCE, NO_WHITE_CELL, None],
+                            "description": "Why the answer is uncertain; null when it is not",
+                        },
+                        "primary": {
+                            "type": ["integer", "null"],
+                            "minimum": 0,
+                            "description": "Index in `cells` of the primary cell (nearest the image centre)",
+                        },
+                        "cells_found": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": f"White cells found; more than len(cells) when over {max_cells}",
+                        },
+                        "cells": {
+                            "type": "array",
+                            "maxItems": max_cells,
+                            "items": {"$ref": "#/components/schemas/Cell"},
+                            "description": "Every white cell classified, top to bottom, then left to right",
+                        },
+                    },
+                },
+                "Cell": {
+                    "type": "object",
+                    "required": ["box", "label", "probabilities", "uncertain", "reason"],
+                    "properties": {
+                        "box": {
+                            "type": "array",
+                            "items": {"type": "integer", "minimum": 0},
+                            "minItems": 4,
+                            "maxItems": 4,
+                            "description": "xmin, ymin, xmax, ymax in the image's pixels (xmax, ymax exclusive)",
+                        },
+                        "label": {"type": "string", "enum": list(labels)},
+                        "probabilities": {"$ref": "#/components/schemas/Probabilities"},
                         "uncertain": {"type": "boolean"},
                         "reason": {
                             "type": ["string", "null"],
                             "enum": [UNLIKE_TRAINING, LOW_CONFIDENCE, None],
-                            "description": "Why the answer is uncertain; null when it is not",
+                            "description": "Why this cell's answer is uncertain; null when it is not",
                         },
                     },
+                },
+                "Probabilities": {
+                    "type": "object",
+                    "properties": {label: probability for label in labels},
+                    "required": list(labels),
+                    "additionalProperties": False,
                 },
                 "ItemError": {
                     "type": "object",

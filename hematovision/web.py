@@ -1,7 +1,8 @@
 """The upload form and its results (one image, or several: the batch page), and the helpers the views lean on.
 
-Views stay thin: image checks live in hematovision.imaging, the model in hematovision.classifier, classifying and
-counting a batch in hematovision.batch. Error answers are hematovision.errors'; the other pages hematovision.pages'.
+Views stay thin: image checks and the white cells' crops live in hematovision.imaging, the model in
+hematovision.classifier, classifying each cell and counting in hematovision.batch. Error answers are
+hematovision.errors'; the other pages hematovision.pages'.
 """
 
 from __future__ import annotations
@@ -10,22 +11,35 @@ import base64
 import io
 from dataclasses import dataclass
 
-import numpy as np
 from flask import Blueprint, Request, current_app, make_response, redirect, render_template, request, url_for
 from PIL import Image
 from werkzeug.datastructures import FileStorage
 from werkzeug.wrappers import Response
 
 from hematovision import gradcam
-from hematovision.abstention import REASON_SHORT, REASONS
-from hematovision.batch import classify_files, count_differential, write_csv
+from hematovision.batch import (
+    MAX_CELLS_PER_IMAGE,
+    NO_WHITE_CELL_TEXT,
+    ItemResult,
+    classify_field,
+    classify_files,
+    count_differential,
+    nearest_centre,
+    write_csv,
+)
 from hematovision.classifier import Classifier
-from hematovision.imaging import ImageRejected, decode_image, to_model_input
+from hematovision.imaging import Field, ImageRejected, decode_image, field_from_image
 
 EXTENSION_KEY = "hematovision"
 GRADCAM_KEY = "hematovision.gradcam"
 THUMBNAIL_MAX_SIDE = 448
-BATCH_THUMBNAIL_SIDE = 96
+BATCH_THUMBNAIL_SIDE = 128
+BADGE_SIZE = 22  # the number's badge on a box, in CSS pixels at the result page's image width
+SMALL_BADGE_SIZE = 16  # ... on the batch page's thumbnails
+HEATMAP_MAX_CELLS = 8  # cells explained on one result page at most: each costs one heatmap
+# A calibrated probability in words, on a plain verbal scale of likelihood (the probability that the type is right).
+PROBABILITY_WORDS = ((0.99, "almost certain"), (0.90, "very likely"), (0.70, "likely"),
+                     (0.50, "more likely than not"), (0.0, "less likely than not"))
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -45,6 +59,33 @@ class InMemoryRequest(Request):
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return io.BytesIO()
+
+
+@dataclass(frozen=True)
+class BoxView:
+    """One cell's box and number badge, in the units of the SVG drawn over the image (box_views)."""
+
+    number: int
+    x: float
+    y: float
+    width: float
+    height: float
+    badge_x: float
+    badge_y: float
+    badge: int  # the badge's side
+    uncertain: bool
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One image of the batch page: its result, thumbnail and boxes."""
+
+    result: ItemResult
+    uri: str
+    size: tuple[int, int]
+    view_width: int
+    view_height: int
+    boxes: list[BoxView]
 
 
 @dataclass(frozen=True)
@@ -93,33 +134,40 @@ def predict():
 
 
 def render_prediction(image: Image.Image, filename: str, explain: bool = False):
-    """The result page for one decoded image (an upload or a sample). The Grad-CAM overlay costs several times
-    the prediction itself (bench/results/bench_predict.json), so it is computed only when the person asks for it."""
+    """The result page for one decoded image (an upload or a sample): the image with each white cell found boxed
+    and numbered, and the answer for each. The Grad-CAM overlay costs several times the prediction itself
+    (bench/results/bench_predict.json), so it is computed only when the person asks for it."""
     classifier = get_classifier()
-    model_input = to_model_input(image)
-    assessment = classifier.assess(model_input[None], min_probability=uncertain_below())
-    scores = rank_classes(classifier.labels, assessment.probabilities[0])
-    reason = assessment.reasons[0]
+    prepared = field_from_image(image)
+    result = classify_field(classifier, prepared, filename, uncertain_below=uncertain_below(),
+                            max_cells=max_cells_per_image())
     image_uri, (width, height) = encode_thumbnail(image)
-    best = scores[0]
-    heatmap_uri = None
-    if explain:
-        heatmap_uri = explain_prediction(image, model_input, classifier.labels.index(best.label), (width, height))
-    current_app.logger.info("Predicted %s (%s, %s) for a %dx%d image", best.label, best.percent,
-                            reason or "answered", *image.size)
+    view_width, view_height, boxes = box_views(result, THUMBNAIL_MAX_SIDE)
+    primary = result.primary_cell
+    heatmap_uri, explained = None, []
+    if explain and result.cells:
+        heatmap_uri, explained = explain_cells(image, prepared, result, (width, height))
+    current_app.logger.info("%d white cell(s) found in a %dx%d image; primary %s (%s)", result.cells_found,
+                            *image.size, primary.label if primary else "none",
+                            (primary.reason or "answered") if primary else "-")
     response = make_response(
         render_template(
             "predict.html",
-            predicted=best,
-            uncertain=reason is not None,
-            reason_short=REASON_SHORT.get(reason, ""),
-            reason_text=REASONS.get(reason, ""),
-            scores=scores,
+            result=result,
+            cells=result.cells,
+            scores=rank_classes(classifier.labels, primary.probabilities) if primary else [],
+            cell_scores={cell.number: rank_classes(classifier.labels, cell.probabilities) for cell in result.cells},
+            differential=count_differential([result], classifier.labels) if len(result.cells) > 1 else None,
+            no_cell_text=NO_WHITE_CELL_TEXT,
+            boxes=boxes,
+            view_width=view_width,
+            view_height=view_height,
             image_uri=image_uri,
             image_width=width,
             image_height=height,
             filename=shorten(filename),
             heatmap_uri=heatmap_uri,
+            explained=explained,
         )
     )
     response.headers["Cache-Control"] = "no-store"  # the page embeds the person's image
@@ -136,22 +184,39 @@ def uncertain_below() -> float | None:
     return None if value is None or value == "" else float(value)
 
 
-def explain_prediction(image: Image.Image, model_input: np.ndarray, class_index: int, size) -> str | None:
-    """A Grad-CAM overlay at the thumbnail's `size` as a JPEG data: URI, or None if this model cannot be explained.
-    Only the single-image page pays for it, when its box is ticked (bench/results/bench_predict.json); the batch
-    page and the API do not. The first call after start-up also loads Keras and the .h5, which serving with TFLite
-    skipped, and traces the graph: it takes seconds, once."""
+def max_cells_per_image() -> int:
+    """The MAX_CELLS_PER_IMAGE setting (FLASK_MAX_CELLS_PER_IMAGE): white cells classified per image at most."""
+    return int(current_app.config.get("MAX_CELLS_PER_IMAGE", MAX_CELLS_PER_IMAGE))
+
+
+def explain_cells(image: Image.Image, prepared: Field, result: ItemResult,
+                  size: tuple[int, int]) -> tuple[str | None, list[int]]:
+    """A Grad-CAM overlay of the field at the thumbnail's `size`, as a JPEG data: URI, and the numbers of the cells
+    it explains; (None, []) if this model cannot be explained. Each cell's heatmap is computed on its own crop (what
+    the model saw), for the class given to that cell, and drawn back at the crop's place on the field; at most
+    HEATMAP_MAX_CELLS cells, those nearest the image centre (the primary cell among them). Only the single-image page
+    pays for it, when its box is ticked (bench/results/bench_predict.json); the batch page and the API do not. The
+    first call after start-up also loads Keras and the .h5, which serving with TFLite skipped, and traces the
+    graph: it takes seconds, once."""
+    chosen = [result.cells[i] for i in nearest_centre(result.cells, result.size, HEATMAP_MAX_CELLS)]
+    labels = get_classifier().labels
     try:
         explainer = current_app.extensions.get(GRADCAM_KEY)
         if explainer is None:
             explainer = current_app.extensions[GRADCAM_KEY] = gradcam.GradCam(get_classifier().model)
-        heatmap = explainer.compute_heatmap(model_input, class_index, shifts=int(current_app.config["GRADCAM_SHIFTS"]),
-                                            method=current_app.config["GRADCAM_METHOD"])
+        heatmaps = [
+            explainer.compute_heatmap(prepared.crops[cell.field_index], labels.index(cell.label),
+                                      shifts=int(current_app.config["GRADCAM_SHIFTS"]),
+                                      method=current_app.config["GRADCAM_METHOD"])
+            for cell in chosen
+        ]
     except Exception:  # the heatmap is an extra: whatever breaks it (another backend, no spatial layer),
         current_app.logger.exception("No Grad-CAM heatmap")  # the prediction is still shown
-        return None
+        return None, []
     thumbnail = image if image.size == size else image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return gradcam.encode_jpeg_uri(gradcam.overlay_heatmap(thumbnail, heatmap))
+    drawn = [(cell.box, heatmap) for cell, heatmap in zip(chosen, heatmaps, strict=True)]
+    overlay = gradcam.overlay_cell_heatmaps(thumbnail, size[0] / image.size[0], drawn)
+    return gradcam.encode_jpeg_uri(overlay), sorted(cell.number for cell in chosen)
 
 
 def render_home(error: str | None = None, status: int = 200):
@@ -172,11 +237,17 @@ def render_batch(uploads: list[FileStorage]):
         [(upload.filename or "(no name)", upload.read()) for upload in uploads],
         max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
         uncertain_below=uncertain_below(),
+        max_cells=max_cells_per_image(),
         thumbnail_side=BATCH_THUMBNAIL_SIDE,
     )
-    rows = [(r, *encode_thumbnail(r.thumbnail, BATCH_THUMBNAIL_SIDE)) for r in results if r.ok]
+    rows = []
+    for r in results:
+        if r.ok:
+            uri, size = encode_thumbnail(r.thumbnail, BATCH_THUMBNAIL_SIDE)
+            rows.append(ImageRow(r, uri, size, *box_views(r, size[0])))
     csv_text = write_csv(results, classifier.labels)
-    current_app.logger.info("Batch: %d files, %d classified", len(results), sum(r.ok for r in results))
+    current_app.logger.info("Batch: %d files, %d read, %d white cells", len(results), sum(r.ok for r in results),
+                            sum(len(r.cells) for r in results))
     response = make_response(
         render_template(
             "batch.html",
@@ -192,10 +263,43 @@ def render_batch(uploads: list[FileStorage]):
     return response
 
 
-def rank_classes(labels: list[str], probabilities: np.ndarray) -> list[ClassScore]:
-    """Classes from most to least likely. The sort is stable, so a tie keeps np.argmax's choice first."""
+def rank_classes(labels: list[str], probabilities) -> list[ClassScore]:
+    """Classes from most to least likely (`probabilities`: an array in label order, or a dict by label). The sort
+    is stable, so a tie keeps np.argmax's choice first."""
+    if isinstance(probabilities, dict):
+        probabilities = [probabilities[label] for label in labels]
     scores = [ClassScore(label, float(p)) for label, p in zip(labels, probabilities, strict=True)]
     return sorted(scores, key=lambda score: score.probability, reverse=True)
+
+
+def box_views(result: ItemResult, display_width: int) -> tuple[int, int, list[BoxView]]:
+    """The cells' boxes for the SVG drawn over an image shown `display_width` CSS pixels wide (at most): the
+    SVG's view box (width, height) at that width, and a BoxView per cell in its units, so that the boxes, numbers
+    and strokes keep one size on screen whatever the photo's own pixel size."""
+    if not result.size:
+        return display_width, display_width, []
+    width, height = result.size
+    scale = display_width / width
+    view_height = max(1, round(height * scale))
+    badge = BADGE_SIZE if display_width > 2 * BATCH_THUMBNAIL_SIDE else SMALL_BADGE_SIZE
+    boxes = []
+    for cell in result.cells:
+        x0, y0, x1, y1 = (value * scale for value in cell.box)
+        # The number sits in the box's top-left corner, inside the image even for a box at its right or lower edge.
+        bx = min(max(0.0, x0), display_width - badge)
+        by = min(max(0.0, y0), view_height - badge)
+        boxes.append(BoxView(cell.number, round(x0, 1), round(y0, 1), round(x1 - x0, 1), round(y1 - y0, 1),
+                             round(bx, 1), round(by, 1), badge, cell.uncertain))
+    return display_width, view_height, boxes
+
+
+@bp.app_template_filter("in_words")
+def in_words(probability: float) -> str:
+    """A calibrated probability in words (PROBABILITY_WORDS)."""
+    for floor, words in PROBABILITY_WORDS:
+        if probability >= floor:
+            return words
+    return PROBABILITY_WORDS[-1][1]
 
 
 def encode_thumbnail(image: Image.Image, max_side: int = THUMBNAIL_MAX_SIDE) -> tuple[str, tuple[int, int]]:

@@ -290,25 +290,29 @@ def png(array: np.ndarray) -> bytes:
 
 
 def test_api_and_pages_answer_uncertain_with_the_reason(fitted_model):
+    """Through the app's pipeline (white cells found first, each classified on its crop): a blank image has no white
+    cell; random noise is found as one cell-sized blob whose crop is unlike every training cell."""
+    from hematovision.batch import NO_WHITE_CELL
     from tests.test_api import post_files
     from tests.test_batch import post_files as post_page_files
 
     app = create_app({"TESTING": True, "MODEL_PATH": str(fitted_model)})
     client = app.test_client()
-    cell = cell_like(15, seed=2)[0][:1]  # a validation cell: within the fitted distance by construction
-    results = post_files(client, [("white.png", png(not_cells()[0])), ("cell.png", png(cell[0]))]).get_json()
-    white, good = results["results"]
-    assert (white["uncertain"], white["reason"]) == (True, UNLIKE_TRAINING)
-    assert (good["uncertain"], good["reason"]) == (False, None)
+    white, noise = png(not_cells()[0]), png(not_cells()[2])
+    results = post_files(client, [("white.png", white), ("noise.png", noise)]).get_json()
+    blank, unlike = results["results"]
+    assert (blank["uncertain"], blank["reason"], blank["cells"]) == (True, NO_WHITE_CELL, [])
+    assert (unlike["uncertain"], unlike["reason"]) == (True, UNLIKE_TRAINING)
+    assert [cell["reason"] for cell in unlike["cells"]] == [UNLIKE_TRAINING]
 
-    page = html.unescape(client.post("/predict", data={"file": (io.BytesIO(png(not_cells()[2])), "noise.png")},
+    page = html.unescape(client.post("/predict", data={"file": (io.BytesIO(noise), "noise.png")},
                                      content_type="multipart/form-data").get_data(as_text=True))
     assert "Answer: Uncertain / not a white blood cell" in page and "not like any training cell" in page
 
-    batch = html.unescape(post_page_files(client, [("white.png", png(not_cells()[0])),
-                                                   ("cell.png", png(cell[0]))]).get_data(as_text=True))
-    assert "Uncertain (1)" in batch and "white.png: not like any training cell" in batch
-    assert "Over the 1 image classified" in batch
+    batch = html.unescape(post_page_files(client, [("white.png", white), ("noise.png", noise)]).get_data(as_text=True))
+    assert "Uncertain cells (1)" in batch and "noise.png, cell 1: not like any training cell" in batch
+    assert "No white blood cell found (1)" in batch
+    assert "Over the 0 white cells" in batch
 
 
 def test_abstention_module_has_no_web_or_keras_imports():

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import stream_encode_multipart
 
 from app import create_app
-from hematovision.imaging import prepare_bytes
+from hematovision.batch import NO_WHITE_CELL
+from hematovision.imaging import prepare_field
 
 LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+FIELDS = Path(__file__).resolve().parent / "data" / "fields"
+TWO_CELLS = (FIELDS / "bccd_00010_two_wbc.jpg").read_bytes()  # a neutrophil and an eosinophil, 320x240
+ONE_CELL = (FIELDS / "bccd_00001_one_wbc.jpg").read_bytes()
 
 
 def post_files(client, files: list[tuple[str, bytes]], path: str = "/api/predict"):
@@ -22,8 +28,18 @@ def post_files(client, files: list[tuple[str, bytes]], path: str = "/api/predict
     return client.post(path, data=body.getvalue(), content_type=f"multipart/form-data; boundary={boundary}")
 
 
-def model_probabilities(app, data: bytes) -> np.ndarray:
-    return app.extensions["hematovision"].predict(prepare_bytes(data)[None])[0]
+def blank_png(colour="white", size=(320, 240)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def expected_cells(app, data: bytes) -> tuple[list[tuple[int, int, int, int]], np.ndarray, int | None]:
+    """What the pipeline itself says about these bytes: the white cells' boxes, the model's probabilities for each
+    cell's crop, and the primary cell's index."""
+    prepared = prepare_field(data)
+    probabilities = app.extensions["hematovision"].predict(prepared.crops) if prepared.cells else np.zeros((0, 4))
+    return [cell.box for cell in prepared.cells], probabilities, prepared.primary
 
 
 def assert_json_error(response, status: int, fragment: str = "") -> None:
@@ -34,29 +50,82 @@ def assert_json_error(response, status: int, fragment: str = "") -> None:
     assert fragment in error["message"]
 
 
-def test_one_file_gives_a_list_of_one_result_as_the_model_says(app, client, make_image):
-    data = make_image("PNG")
-    response = post_files(client, [("cell.png", data)])
+def assert_cells_as_the_pipeline_says(app, result: dict, data: bytes) -> None:
+    """`cells` lists every white cell the detector finds, each with its box and the model's answer for its crop;
+    the top level repeats the primary cell's (nearest the image centre)."""
+    boxes, probabilities, primary = expected_cells(app, data)
+    by_box = {tuple(cell["box"]): cell for cell in result["cells"]}
+    assert set(by_box) == set(boxes) and len(result["cells"]) == len(boxes)
+    assert result["cells_found"] == len(boxes)
+    for box, expected in zip(boxes, probabilities, strict=True):
+        cell = by_box[box]
+        assert all(isinstance(v, int) for v in cell["box"])
+        assert list(cell["probabilities"]) == LABELS
+        assert all(p == round(p, 4) for p in cell["probabilities"].values())  # 4 decimals: more would be noise
+        assert np.allclose([cell["probabilities"][label] for label in LABELS], expected, atol=5e-5 + 1e-6)
+        assert cell["label"] == LABELS[int(np.argmax(expected))]
+        assert cell["uncertain"] == (cell["reason"] is not None)
+    top = result["cells"][result["primary"]]
+    assert tuple(top["box"]) == boxes[primary]
+    for key in ("label", "probabilities", "uncertain", "reason"):
+        assert result[key] == top[key]
+
+
+def test_a_field_with_two_white_cells_lists_both_and_answers_for_the_primary(app, client):
+    response = post_files(client, [("field.jpg", TWO_CELLS)])
     assert response.status_code == 200
     (result,) = response.get_json()["results"]
-    assert result["filename"] == "cell.png"
-    assert list(result["probabilities"]) == LABELS
-    expected = model_probabilities(app, data)
-    # Rounded to 4 decimals: more digits would only be noise.
-    assert all(p == round(p, 4) for p in result["probabilities"].values())
-    assert np.allclose([result["probabilities"][label] for label in LABELS], expected, atol=5e-5 + 1e-6)
-    assert result["label"] == LABELS[int(np.argmax(expected))]
-    assert result["uncertain"] == (expected.max() < 0.6)
+    assert result["filename"] == "field.jpg"
+    assert len(result["cells"]) == 2
+    assert_cells_as_the_pipeline_says(app, result, TWO_CELLS)
+    # The primary cell is the one whose box centre is nearest the image centre (160, 120).
+    centres = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in (c["box"] for c in result["cells"])]
+    distances = [np.hypot(x - 160, y - 120) for x, y in centres]
+    assert result["primary"] == int(np.argmin(distances))
+    # Numbered in reading order: the two cells sit side by side, so left first.
+    assert centres[0][0] < centres[1][0]
 
 
-def test_a_batch_runs_once_and_keeps_order_and_per_file_errors(app, client, make_image):
-    good = [make_image("PNG", size=(320, 240)), make_image("JPEG", size=(100, 300)), make_image("BMP", size=(64, 64))]
+def test_each_box_holds_an_annotated_white_cell(client):
+    """The committed fields' annotated WBC boxes (tests/data/fields/README.md): each found box's centre lies in
+    a true box, each true box once."""
+    truth = {"two": [(11, 114, 102, 210), (119, 126, 255, 235)], "one": [(34, 157, 143, 240)]}
+    results = post_files(client, [("two", TWO_CELLS), ("one", ONE_CELL)]).get_json()["results"]
+    for result in results:
+        boxes = truth[result["filename"]]
+        matched = set()
+        for x0, y0, x1, y1 in (cell["box"] for cell in result["cells"]):
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            hits = [i for i, (a, b, c, d) in enumerate(boxes) if a <= cx <= c and b <= cy <= d and i not in matched]
+            assert hits, (result["filename"], (x0, y0, x1, y1))
+            matched.add(hits[0])
+        assert matched == set(range(len(boxes)))
+
+
+@pytest.mark.parametrize("colour", ["white", "black"])
+def test_no_white_cell_is_said_so_and_never_given_a_class(client, colour):
+    (result,) = post_files(client, [("blank.png", blank_png(colour))]).get_json()["results"]
+    assert result == {
+        "filename": "blank.png",
+        "label": None,
+        "probabilities": None,
+        "uncertain": True,
+        "reason": NO_WHITE_CELL,
+        "primary": None,
+        "cells_found": 0,
+        "cells": [],
+    }
+
+
+def test_a_batch_keeps_order_and_per_file_errors(app, client, make_image):
+    good = [TWO_CELLS, make_image("JPEG", size=(100, 300)), ONE_CELL, blank_png()]
     files = [
-        ("a.png", good[0]),
+        ("a.jpg", good[0]),
         ("bad.txt", b"not an image"),
         ("b.jpg", good[1]),
         ("empty.png", b""),
-        ("c.bmp", good[2]),
+        ("c.jpg", good[2]),
+        ("d.png", good[3]),
     ]
     response = post_files(client, files)
     assert response.status_code == 200
@@ -64,16 +133,27 @@ def test_a_batch_runs_once_and_keeps_order_and_per_file_errors(app, client, make
     assert [r["filename"] for r in results] == [name for name, _ in files]
     assert results[1] == {"filename": "bad.txt", "error": {"status": 415, "message": results[1]["error"]["message"]}}
     assert results[3]["error"]["status"] == 400
-    for result, data in zip([results[0], results[2], results[4]], good, strict=True):
-        expected = model_probabilities(app, data)  # the same figures as one image at a time
-        assert np.allclose([result["probabilities"][label] for label in LABELS], expected, atol=5e-5 + 1e-5)
+    for result, data in zip([results[0], results[2], results[4], results[5]], good, strict=True):
+        if data is good[3]:
+            assert result["cells"] == [] and result["reason"] == NO_WHITE_CELL
+        else:  # the same figures as one image at a time
+            assert_cells_as_the_pipeline_says(app, result, data)
+
+
+def test_cells_per_image_are_capped_and_the_count_found_is_said(tiny_model_path):
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "MAX_CELLS_PER_IMAGE": 1})
+    (result,) = post_files(app.test_client(), [("field.jpg", TWO_CELLS)]).get_json()["results"]
+    boxes, _, primary = expected_cells(app, TWO_CELLS)
+    assert result["cells_found"] == 2 and len(result["cells"]) == 1
+    assert tuple(result["cells"][0]["box"]) == boxes[primary] and result["primary"] == 0  # the central one is kept
 
 
 @pytest.mark.parametrize(("threshold", "flag"), [(0.0, False), (1.01, True)])
-def test_uncertain_is_a_plain_threshold_on_the_top_probability(tiny_model_path, make_image, threshold, flag):
+def test_uncertain_is_a_plain_threshold_on_the_top_probability(tiny_model_path, threshold, flag):
     app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": threshold})
-    (result,) = post_files(app.test_client(), [("cell.png", make_image())]).get_json()["results"]
+    (result,) = post_files(app.test_client(), [("field.jpg", TWO_CELLS)]).get_json()["results"]
     assert result["uncertain"] is flag
+    assert [cell["uncertain"] for cell in result["cells"]] == [flag, flag]
 
 
 def test_no_file_is_a_json_400(client):
@@ -173,8 +253,9 @@ def test_api_responses_carry_the_security_headers(client):
     assert "default-src 'self'" in response.headers["Content-Security-Policy"]
 
 
-def test_openapi_document_is_valid_and_describes_the_answers(client, make_image):
+def test_openapi_document_is_valid_and_describes_the_answers(client):
     validators = pytest.importorskip("openapi_spec_validator", reason="openapi-spec-validator is not installed")
+    from jsonschema.exceptions import ValidationError
     from openapi_schema_validator import OAS31Validator
 
     document = client.get("/api/openapi.json").get_json()
@@ -185,7 +266,15 @@ def test_openapi_document_is_valid_and_describes_the_answers(client, make_image)
         schema = {"$ref": f"#/components/schemas/{schema_name}", "components": document["components"]}
         OAS31Validator(schema).validate(instance)
 
-    answer = post_files(client, [("a.png", make_image()), ("bad.txt", b"nope")]).get_json()
+    answer = post_files(client, [("a.jpg", TWO_CELLS), ("blank.png", blank_png()), ("bad.txt", b"nope")]).get_json()
+    assert [len(r.get("cells", [])) for r in answer["results"]] == [2, 0, 0]
     check(answer, "Results")
     check(client.get("/api/health").get_json(), "Health")
     check(post_files(client, [("bad.txt", b"nope")]).get_json(), "Error")
+    prediction = document["components"]["schemas"]["Prediction"]
+    assert {"cells", "primary", "cells_found"} <= set(prediction["required"])
+    assert NO_WHITE_CELL in prediction["properties"]["reason"]["enum"]
+    cell = answer["results"][0]["cells"][0]
+    cell["box"] = [1.5, 2, 3, 4]  # boxes are whole pixels
+    with pytest.raises(ValidationError):
+        check(answer, "Results")

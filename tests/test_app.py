@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ from werkzeug.test import stream_encode_multipart
 
 import app as app_module
 from app import create_app
+from hematovision.batch import NO_WHITE_CELL_TEXT
 from hematovision.classifier import ModelLoadError
-from hematovision.imaging import prepare_bytes
+from hematovision.imaging import prepare_field
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MODEL = ROOT / "model" / "blood_cell_model.h5"
@@ -61,10 +63,11 @@ def shown_percentages(response) -> dict[str, float]:
     return {label: float(percent) for label, percent in rows}
 
 
-def model_probabilities(app, data: bytes) -> np.ndarray:
-    """What the loaded model itself says about these bytes, through the same preparation as the app."""
-    classifier = app.extensions["hematovision"]
-    return classifier.predict(prepare_bytes(data)[None])[0]
+def model_probabilities(app, data: bytes) -> np.ndarray | None:
+    """What the loaded model itself says about the primary white cell of these bytes (its canonical crop), through
+    the same preparation as the app; None when no white cell is found."""
+    crop = prepare_field(data).primary_crop
+    return None if crop is None else app.extensions["hematovision"].predict(crop[None])[0]
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -151,22 +154,26 @@ GOOD_IMAGES = {
 
 @pytest.mark.parametrize("kind", GOOD_IMAGES)
 def test_upload_is_classified_as_the_model_says(app, client, make_image, kind):
+    """Every accepted kind of image gets its answer through the one pipeline: its primary white cell's class, or
+    the plain statement that there is none (the detector finds no white cell in some of these drawn gradients)."""
     data = GOOD_IMAGES[kind](make_image)
     response = upload(client, data)
     assert response.status_code == 200
     text = page_text(response)
     assert "Prediction Result" in text
+    assert "Upload Another Image" in text and 'href="/"' in text
+    assert DISCLAIMER in text
 
     probabilities = model_probabilities(app, data)
+    if probabilities is None:
+        assert NO_WHITE_CELL_TEXT + "." in text and "Predicted Class" not in text and not shown_percentages(response)
+        return
     assert predicted_label(response) == LABELS[int(np.argmax(probabilities))]
     shown = shown_percentages(response)
     assert set(shown) == set(LABELS)
     for label, probability in zip(LABELS, probabilities, strict=True):
         assert shown[label] == pytest.approx(probability * 100, abs=0.051)
     assert sum(shown.values()) == pytest.approx(100, abs=0.3)
-
-    assert "Upload Another Image" in text and 'href="/"' in text
-    assert DISCLAIMER in text
 
 
 def test_labels_come_from_the_model_metadata(tiny_model_path, tmp_path, make_image):
@@ -199,6 +206,101 @@ def test_filename_is_escaped(client, make_image):
     text = upload(client, make_image(), filename='<script>alert("x")</script>.png').get_data(as_text=True)
     assert "<script>" not in text
     assert "&lt;script&gt;" in text
+
+
+# --- every white cell on the result page ----------------------------------------------------------------
+
+FIELDS = Path(__file__).resolve().parent / "data" / "fields"
+TWO_CELLS = (FIELDS / "bccd_00010_two_wbc.jpg").read_bytes()  # 320x240: a neutrophil and an eosinophil
+ONE_CELL = (FIELDS / "bccd_00001_one_wbc.jpg").read_bytes()
+
+
+def drawn_boxes(text: str) -> dict[int, tuple[float, float, float, float]]:
+    """The numbered boxes of the SVG over the result image: {number: (x, y, width, height)} in its view box."""
+    boxes = {}
+    for number, body in re.findall(r'<g class="cell-box[^"]*" data-cell="(\d+)">(.*?)</g>', text, re.S):
+        frame = re.search(r'<rect class="cell-box__frame" x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" '
+                          r'height="([\d.]+)"/>', body)
+        assert re.search(rf'<text class="cell-box__number"[^>]*>{number}</text>', body), "the box carries its number"
+        boxes[int(number)] = tuple(float(v) for v in frame.groups())
+    return boxes
+
+
+def test_a_field_with_two_white_cells_boxes_numbers_and_counts_them(tiny_model_path):
+    # A threshold of 0: both cells are answered, so the image's differential counts them.
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": 0.0})
+    text = page_text(upload(app.test_client(), TWO_CELLS, filename="field.jpg"))
+    assert re.search(r"<p class=\"predicted\">2 white blood cells found</p>", text)
+    assert "Predicted Class" not in text  # no single answer for a field of several cells
+    view = re.search(r'<svg class="cell-boxes" viewBox="0 0 (\d+) (\d+)"', text)
+    assert view and (int(view.group(1)), int(view.group(2))) == (448, 336)  # the image's 320x240 at 448 wide
+    prepared = prepare_field(TWO_CELLS)
+    order = sorted(range(2), key=lambda i: prepared.cells[i].centre[0])  # side by side: numbered left to right
+    scale = 448 / 320
+    boxes = drawn_boxes(text)
+    assert sorted(boxes) == [1, 2]
+    for number, index in enumerate(order, start=1):
+        x0, y0, x1, y1 = prepared.cells[index].box
+        assert boxes[number] == pytest.approx((x0 * scale, y0 * scale, (x1 - x0) * scale, (y1 - y0) * scale), abs=0.1)
+
+    probabilities = app.extensions["hematovision"].predict(prepared.crops[order])
+    rows = re.findall(r'<th scope="row" class="num"><span class="cell-number">(\d)</span></th>\s*<td>(.*?)</td>\s*'
+                      r'<td class="num">([\d.]+)%', text, re.S)
+    assert [number for number, _, _ in rows] == ["1", "2"]
+    for (_, answer, percent), row in zip(rows, probabilities, strict=True):
+        assert LABELS[int(np.argmax(row))] in answer
+        assert float(percent) == pytest.approx(row.max() * 100, abs=0.051)
+    assert "Differential count of this image" in text
+    counts = re.search(r'<table class="data-table differential">(.*?)</table>', text, re.S).group(1)
+    counted = dict(re.findall(r'<th scope="row">([A-Z]+)</th>\s*<td class="num">(\d+)</td>', counts))
+    assert {label: int(n) for label, n in counted.items() if int(n)} == dict(
+        Counter(LABELS[int(np.argmax(row))] for row in probabilities))
+    assert "Over the 2 cells of 2 classified with confidence" in " ".join(text.split())
+    assert text.count("<caption>Cell ") == 2  # every class's probability, cell by cell, folded
+
+
+def test_uncertain_cells_of_a_field_are_marked_with_the_reason(tiny_model_path):
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": 1.01})
+    text = page_text(upload(app.test_client(), TWO_CELLS))
+    assert len(re.findall(r'<g class="cell-box cell-box--uncertain"', text)) == 2  # dashed boxes
+    assert text.count("<strong>Uncertain</strong>: low confidence") == 2 and "not trusted" in text
+    assert "Over the 0 cells of 2 classified with confidence" in " ".join(text.split())
+    assert '<table class="data-table differential">' not in text
+
+
+def test_one_white_cell_reads_like_a_single_answer_with_its_box(tiny_model_path):
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": 0.0})
+    response = upload(app.test_client(), ONE_CELL)
+    text = page_text(response)
+    details = text[text.index('class="card result__details"'):]
+    assert re.match(r'[^<]*>\s*<h2[^>]*>Answer</h2>\s*<p class="predicted">Predicted Class: [A-Z]+</p>', details)
+    expected = model_probabilities(app, ONE_CELL)
+    assert predicted_label(response) == LABELS[int(np.argmax(expected))]
+    assert "One white blood cell found in the image; it is boxed." in text
+    ((x0, y0, x1, y1),) = [cell.box for cell in prepare_field(ONE_CELL).cells]
+    assert drawn_boxes(text) == {1: pytest.approx((x0 * 1.4, y0 * 1.4, (x1 - x0) * 1.4, (y1 - y0) * 1.4), abs=0.1)}
+    assert "Differential count" not in text
+
+
+@pytest.mark.parametrize("colour", ["white", "black"])
+def test_no_white_cell_is_said_in_words_without_a_class(client, colour):
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 480), colour).save(buffer, format="PNG")
+    response = upload(client, buffer.getvalue(), filename="blank.png")
+    assert response.status_code == 200
+    text = page_text(response)
+    assert "No white blood cell found in this image." in text
+    assert "Predicted Class" not in text and "cell-box" not in text
+    details = text[text.index('class="card result__details"'):]
+    assert not any(label in details for label in LABELS)  # never a made-up class
+    assert re.search(r'<img class="result__image" src="data:image/jpeg;base64,', text)  # the image is still shown
+
+
+def test_cells_per_image_are_capped_and_the_page_says_so(tiny_model_path):
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "MAX_CELLS_PER_IMAGE": 1})
+    text = " ".join(page_text(upload(app.test_client(), TWO_CELLS)).split())
+    assert "This image holds 2 white cells; HematoVision classified the 1 nearest its centre." in text
+    assert "Predicted Class:" in text and text.count('<g class="cell-box') == 1
 
 
 # --- bad input -----------------------------------------------------------------------------------------

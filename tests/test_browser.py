@@ -17,9 +17,10 @@ import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
-from hematovision.imaging import prepare_bytes
+from hematovision.imaging import prepare_field
 
 LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+FIELDS = Path(__file__).resolve().parent / "data" / "fields"
 LAUNCH_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -75,7 +76,9 @@ def page(browser):
 
 
 def expected_label(app, data: bytes) -> str:
-    return LABELS[int(np.argmax(app.extensions["hematovision"].predict(prepare_bytes(data)[None])[0]))]
+    """The class of the primary white cell of these bytes, through the app's own pipeline."""
+    crop = prepare_field(data).primary_crop
+    return LABELS[int(np.argmax(app.extensions["hematovision"].predict(crop[None])[0]))]
 
 
 def test_upload_one_image_and_read_the_result(live_app, page, make_image):
@@ -116,8 +119,10 @@ def test_upload_a_batch_and_read_the_table(live_app, page, make_image, tmp_path)
     assert rows.count() == 3
     for i, (name, data) in enumerate(images.items()):
         cells = rows.nth(i).locator("td").all_inner_texts()
-        assert cells[1] == name and cells[2] == expected_label(app, data)
+        assert cells[1] == name
+        assert rows.nth(i).locator(".cell-list__label").all_inner_texts() == [expected_label(app, data)]
         assert rows.nth(i).locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+        assert rows.nth(i).locator(".cell-box").count() == 1  # its white cell, boxed on the thumbnail
     counts = page.locator(".differential tbody tr td:nth-child(2)").all_inner_texts()
     assert sum(int(c) for c in counts) == 3
     assert "notes.txt" in page.locator(".batch__apart").inner_text()
@@ -127,7 +132,7 @@ def test_upload_a_batch_and_read_the_table(live_app, page, make_image, tmp_path)
     download = download_info.value
     assert download.suggested_filename == "hematovision_results.csv"
     lines = Path(download.path()).read_text(encoding="utf-8").splitlines()
-    assert lines[0].startswith("filename,label,probability,uncertain") and len(lines) == 5
+    assert lines[0].startswith("file,cell,xmin,ymin,xmax,ymax,label,probability,uncertain") and len(lines) == 5
 
 
 def test_model_card_and_a_sample_from_the_header_and_home_page(live_app, page):
@@ -139,3 +144,46 @@ def test_model_card_and_a_sample_from_the_header_and_home_page(live_app, page):
     page.get_by_role("button", name="Monocyte").click()
     assert page.locator("h1").inner_text() == "Prediction Result"
     assert "Sample: monocyte.jpeg" in page.locator("figcaption").inner_text()
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_a_field_shows_each_white_cell_boxed_and_numbered(live_app, browser, width):
+    """The two-white-cell field: the boxes lie over the picture where the cells are, carry the numbers of the
+    table's rows, and the page fits the screen."""
+    app, base = live_app
+    data = (FIELDS / "bccd_00010_two_wbc.jpg").read_bytes()
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+    page.goto(base + "/")
+    page.set_input_files("#file", files=[{"name": "field.jpg", "mimeType": "image/jpeg", "buffer": data}])
+    page.get_by_role("button", name="Predict", exact=True).click()
+    page.wait_for_url(base + "/predict")
+    assert page.locator(".predicted").inner_text() == "2 white blood cells found"
+
+    image = page.locator(".result__image").bounding_box()
+    scale = image["width"] / 320
+    prepared = prepare_field(data)
+    left_first = sorted(prepared.cells, key=lambda cell: cell.centre[0])  # side by side: numbered left to right
+    for number, cell in enumerate(left_first, start=1):
+        box = page.locator(f'.cell-box[data-cell="{number}"]')
+        assert box.locator("text").text_content() == str(number)
+        assert box.locator(".cell-box__badge").bounding_box()["width"] > 0
+        frame = box.locator(".cell-box__frame").bounding_box()
+        x0, y0, x1, y1 = cell.box
+        assert frame["x"] == pytest.approx(image["x"] + x0 * scale, abs=3)
+        assert frame["y"] == pytest.approx(image["y"] + y0 * scale, abs=3)
+        assert frame["width"] == pytest.approx((x1 - x0) * scale, abs=4)
+        assert frame["height"] == pytest.approx((y1 - y0) * scale, abs=4)
+    rows = page.locator(".cells-table tbody tr")
+    assert rows.count() == 2
+    crops = prepared.crops[[prepared.cells.index(cell) for cell in left_first]]
+    labels = [LABELS[int(np.argmax(p))] for p in app.extensions["hematovision"].predict(crops)]
+    for i, label in enumerate(labels):
+        assert rows.nth(i).locator(".cell-number").inner_text() == str(i + 1)
+        assert label in rows.nth(i).inner_text()
+    assert page.locator(".differential").is_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing hides off to the side
+    context.close()
+    assert problems == []

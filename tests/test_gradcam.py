@@ -16,7 +16,8 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import stream_encode_multipart
 
 from hematovision import gradcam
-from hematovision.imaging import prepare_bytes
+from hematovision.cells import Cell, canonical_crop
+from hematovision.imaging import prepare_field
 from training import measure_gradcam
 
 
@@ -48,7 +49,7 @@ def test_heatmap_has_the_last_spatial_layers_shape_and_lies_in_0_1(tiny_model, m
     explainer = gradcam.GradCam(tiny_model)
     assert explainer.layer.name.startswith("conv2d")
     for class_index in range(4):
-        heatmap = explainer.compute_heatmap(prepare_bytes(make_image()), class_index)
+        heatmap = explainer.compute_heatmap(prepare_field(make_image()).primary_crop, class_index)
         assert heatmap.shape == (55, 55)  # 7x7 convolution, stride 4, on 224 pixels
         assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0
         assert heatmap.max() in (0.0, 1.0)  # normalised by its peak (or all zero)
@@ -225,6 +226,66 @@ def test_batch_page_and_api_do_not_compute_heatmaps(client, make_image):
     assert "hematovision.gradcam" not in client.application.extensions
 
 
+# --- each cell's heatmap, drawn back onto the field -----------------------------------------------------
+
+FIELDS = Path(__file__).resolve().parent / "data" / "fields"
+TWO_CELLS = (FIELDS / "bccd_00010_two_wbc.jpg").read_bytes()
+
+
+def test_crop_window_is_where_the_canonical_crop_comes_from():
+    rgb = np.asarray(Image.open(io.BytesIO(TWO_CELLS)).convert("RGB"))
+    cell = Cell((140, 80, 180, 130), 100, 1.0)  # a box whose 2x window (100 px) stays inside the 320x240 field
+    x0, y0, side = gradcam.crop_window(cell.box)
+    assert (x0, y0, side) == (110, 55, 100)
+    by_hand = np.asarray(Image.fromarray(rgb[y0:y0 + side, x0:x0 + side]).resize((224, 224), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(canonical_crop(rgb, cell, 224), by_hand)
+
+
+def test_cell_heatmaps_are_drawn_in_their_windows_and_nowhere_else():
+    image = Image.new("RGB", (160, 120), (200, 180, 190))
+    heatmap = np.zeros((7, 7))
+    heatmap[0, 6] = 1.0  # hot in the crop's top-right corner
+    # A 20x20 cell at (40, 40) in a field twice this size: its 40 px window starts at (30, 30), here (15, 15), 20 px.
+    overlay = np.asarray(gradcam.overlay_cell_heatmaps(image, 0.5, [((40, 40, 60, 60), heatmap)]))
+    original = np.asarray(image)
+    np.testing.assert_array_equal(overlay[:15], original[:15])  # outside the window: untouched
+    np.testing.assert_array_equal(overlay[:, 35:], original[:, 35:])
+    assert (overlay[15:35, 15:35] != original[15:35, 15:35]).any(axis=-1).all()  # the whole window is tinted
+    hot, cold = overlay[16, 33].astype(int), overlay[33, 16].astype(int)
+    assert hot[0] - hot[2] > cold[0] - cold[2]  # red where the crop's heatmap is hot, blue where cold
+    # A window reaching past the field's edge is clipped, not an error.
+    clipped = gradcam.overlay_cell_heatmaps(image, 1.0, [((150, 110, 170, 130), heatmap)])
+    assert clipped.size == image.size
+
+
+def test_a_field_gets_a_heatmap_around_each_cell(client):
+    text = html.unescape(post_files(client, [("field.jpg", TWO_CELLS)]).get_data(as_text=True))
+    heatmap = re.search(r'<img class="result__image result__image--heatmap" src="data:image/jpeg;base64,([^"]+)"', text)
+    original = re.search(r'<img class="result__image" src="data:image/jpeg;base64,([^"]+)"', text)
+    shown, plain = (np.asarray(Image.open(io.BytesIO(base64.b64decode(m.group(1)))), dtype=int)
+                    for m in (heatmap, original))
+    assert shown.shape == plain.shape == (240, 320, 3)
+    windows = np.zeros(plain.shape[:2], bool)
+    for cell in prepare_field(TWO_CELLS).cells:
+        x0, y0, side = gradcam.crop_window(cell.box)
+        windows[max(0, y0):y0 + side, max(0, x0):x0 + side] = True
+    difference = np.abs(shown - plain).sum(axis=-1)
+    assert difference[windows].mean() > 20  # tinted where the model looked
+    assert difference[~windows].mean() < 3  # elsewhere the same picture (JPEG noise only)
+    assert "Shown for cell" not in text  # both cells explained
+
+
+def test_the_heatmap_explains_at_most_a_few_cells_and_says_which(client, monkeypatch):
+    from hematovision import web
+
+    monkeypatch.setattr(web, "HEATMAP_MAX_CELLS", 1)
+    text = " ".join(html.unescape(post_files(client, [("field.jpg", TWO_CELLS)]).get_data(as_text=True)).split())
+    prepared = prepare_field(TWO_CELLS)
+    left_first = sorted(range(2), key=lambda i: prepared.cells[i].centre[0])
+    number = left_first.index(prepared.primary) + 1  # the primary cell, nearest the centre
+    assert f"Shown for cell {number}, the 1 nearest the centre." in text
+
+
 # --- training/measure_gradcam.py -------------------------------------------------------------------
 
 
@@ -312,6 +373,7 @@ def test_held_out_originals_are_the_validation_photos_halved(tiny_model_path, tm
     import csv
 
     from training.fit_abstention import kaggle_split
+
     from training.train import DEFAULTS as TRAIN_DEFAULTS
 
     root = tmp_path / "blood-cells"
