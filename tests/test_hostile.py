@@ -6,9 +6,12 @@ from __future__ import annotations
 import html
 import io
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import stream_encode_multipart
 
@@ -16,6 +19,7 @@ from app import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).resolve().parent / "data" / "hostile"
+FIELDS = Path(__file__).resolve().parent / "data" / "fields"
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text(encoding="utf-8"))
 LEAKS = ("Traceback", 'File "', "site-packages", str(ROOT), "/tmp/", "Errno", "PIL.", "werkzeug")
 MIB = 1024 * 1024
@@ -49,6 +53,11 @@ def assert_clean(response) -> str:
     return html.unescape(body)
 
 
+def assert_answered(text: str) -> None:
+    found = re.search(r"Predicted Class: [A-Z]+|\d+ white blood cells found", text)
+    assert found or "No white blood cell found in this image." in text
+
+
 def assert_still_serving(client) -> None:
     assert client.get("/").status_code == 200
     response = post(client, [("file", "plain.jpg", (CORPUS / "plain.jpg").read_bytes())])
@@ -78,6 +87,8 @@ def test_hostile_upload(client, case):
         assert f'width="{width}" height="{height}"' in text
     if response.status_code != 200:
         assert 'role="alert"' in text and "Predict Blood Cell Type" in text  # back on the form, with the reason
+    else:  # answered: a white cell's class, or the plain statement that there is none
+        assert_answered(text)
     assert_still_serving(client)
 
 
@@ -115,3 +126,89 @@ def test_thousands_of_form_parts_are_refused(client):
     assert response.status_code == 413
     assert_clean(response)
     assert_still_serving(client)
+
+
+# --- fields that are hard for the white-cell detector: answered (no cell, or all cells), never a 5xx ------------
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def red_cells_only() -> bytes:
+    """A 640x480 field of 80 red cells (pink discs with a paler centre) on a pale background, and no white cell."""
+    rng = np.random.default_rng(3)
+    image = Image.new("RGB", (640, 480), (236, 226, 214))
+    draw = ImageDraw.Draw(image)
+    for x, y in rng.integers(0, [640, 480], (80, 2)):
+        draw.ellipse([x - 22, y - 22, x + 22, y + 22], fill=(214, 140, 150))
+        draw.ellipse([x - 9, y - 9, x + 9, y + 9], fill=(226, 172, 176))
+    return encode(image, quality=92)
+
+
+def thirty_white_cells() -> bytes:
+    """30 copies of the one-white-cell field's neighbourhood of its cell, 6 across and 5 down (840x600)."""
+    tile = Image.open(FIELDS / "bccd_00001_one_wbc.jpg").convert("RGB").crop((20, 120, 160, 240))
+    field = Image.new("RGB", (6 * 140, 5 * 120))
+    for i in range(6):
+        for j in range(5):
+            field.paste(tile, (i * 140, j * 120))
+    return encode(field, quality=92)
+
+
+def forty_megapixels() -> bytes:
+    """The two-white-cell field enlarged to 7296x5472 (39.9 MP, just under the app's 40 MP limit; ~1 MB as JPEG)."""
+    field = Image.open(FIELDS / "bccd_00010_two_wbc.jpg").convert("RGB")
+    return encode(field.resize((7296, 5472), Image.Resampling.BILINEAR), quality=80)
+
+
+BAD_FIELDS = {
+    "all-white": (lambda: encode(Image.new("RGB", (640, 480), "white"), "PNG"), 0),
+    "all-black": (lambda: encode(Image.new("RGB", (640, 480), "black"), "PNG"), 0),
+    "red-cells-only": (red_cells_only, 0),
+    "thirty-white-cells": (thirty_white_cells, 30),
+}
+
+
+def post_api(client, name: str, data: bytes):
+    fields = MultiDict([("file", FileStorage(io.BytesIO(data), name))])
+    body, _length, boundary = stream_encode_multipart(fields, use_tempfile=False)
+    return client.post("/api/predict", data=body.getvalue(), content_type=f"multipart/form-data; boundary={boundary}")
+
+
+@pytest.mark.parametrize("kind", BAD_FIELDS)
+def test_hard_fields_are_answered_on_the_page_and_the_api(client, kind):
+    make, cells = BAD_FIELDS[kind]
+    data = make()
+    (result,) = post_api(client, f"{kind}.jpg", data).get_json()["results"]
+    assert len(result["cells"]) == result["cells_found"] == cells
+    if cells == 0:
+        assert (result["label"], result["uncertain"], result["reason"]) == (None, True, "no_white_cell_found")
+    response = post(client, [("file", f"{kind}.jpg", data)])
+    assert response.status_code == 200
+    text = assert_clean(response)
+    assert_answered(text)
+    assert text.count('<g class="cell-box') == cells
+    if cells:
+        assert re.search(rf'<p class="predicted">{cells} white blood cells found</p>', text)
+        assert len(re.findall(r'<span class="cell-number">\d+</span></th>', text)) == cells  # a row per cell
+    else:
+        assert "No white blood cell found in this image." in text
+
+
+def test_a_forty_megapixel_field_is_answered_within_the_limits(client):
+    data = forty_megapixels()
+    assert len(data) < 16 * MIB  # within MAX_CONTENT_LENGTH
+    (result,) = post_api(client, "big.jpg", data).get_json()["results"]
+    assert len(result["cells"]) == 2
+    scale = 7296 / 320
+    truth = [(11, 114, 102, 210), (119, 126, 255, 235)]  # tests/data/fields/README.md, at 320x240
+    for x0, y0, x1, y1 in (cell["box"] for cell in result["cells"]):
+        cx, cy = (x0 + x1) / 2 / scale, (y0 + y1) / 2 / scale
+        assert any(a <= cx <= c and b <= cy <= d for a, b, c, d in truth)  # in the uploaded image's pixels
+    response = post(client, [("file", "big.jpg", data)])
+    assert response.status_code == 200
+    text = assert_clean(response)
+    assert 'width="448" height="336"' in text and text.count('<g class="cell-box') == 2
