@@ -35,15 +35,11 @@ from PIL import Image
 from hematovision.cells import CROP_SCALE
 from hematovision.imaging import IMAGE_SIZE
 
-# Shifted copies per axis for the app's heatmap. Chosen on the boxed validation photos the model never trained on
-# (training/measure_gradcam.py --held-out-originals, which writes model/gradcam_validation.json): with shifts the
-# heatmap's peak lands in the white cell's box at least as often as with the plain map, and more shifts than 4
-# cost more without a clear gain.
+# Shifted copies per axis for the app's heatmap, and how the channels are weighted (module doc). Both were chosen
+# for the earlier whole-frame model, on boxed validation photos (a measuring script since removed with that model;
+# see the git history): shifts and Grad-CAM++ put the heatmap's peak in the white cell's box more often. They have
+# not been measured again on cell crops.
 DEFAULT_SHIFTS = 4
-
-# How the channels are weighted (module doc). Chosen at 4x4 shifts on boxed photos outside TEST_SIMPLE
-# (training/measure_gradcam.py --method, which writes model/gradcam_validation.json and gradcam_trained_on.json):
-# "gradcam++" put the heatmap's peak in the white cell's box more often.
 METHODS = ("gradcam", "gradcam++")
 DEFAULT_METHOD = "gradcam++"
 

@@ -5,20 +5,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import stream_encode_multipart
 
 from hematovision import gradcam
 from hematovision.cells import Cell, canonical_crop
 from hematovision.imaging import prepare_field
-from training import measure_gradcam
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +32,6 @@ def post_files(client, files, explain=True):
         fields.add("explain", "on")
     body, _length, boundary = stream_encode_multipart(fields, use_tempfile=False)
     return client.post("/predict", data=body.getvalue(), content_type=f"multipart/form-data; boundary={boundary}")
-
-
-def smear(size=(320, 240), cell=(200, 120, 40), dot=(40, 40, 4)) -> Image.Image:
-    """A pink background with one big purple 'cell' and one small purple 'platelet'."""
-    image = Image.new("RGB", size, (225, 185, 190))
-    draw = ImageDraw.Draw(image)
-    for x, y, r in (cell, dot):
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=(110, 70, 190))
-    return image
 
 
 def test_heatmap_has_the_last_spatial_layers_shape_and_lies_in_0_1(tiny_model, make_image):
@@ -284,143 +273,3 @@ def test_the_heatmap_explains_at_most_a_few_cells_and_says_which(client, monkeyp
     left_first = sorted(range(2), key=lambda i: prepared.cells[i].centre[0])
     number = left_first.index(prepared.primary) + 1  # the primary cell, nearest the centre
     assert f"Shown for cell {number}, the 1 nearest the centre." in text
-
-
-# --- training/measure_gradcam.py -------------------------------------------------------------------
-
-
-def test_cell_mask_is_the_largest_purple_blob_dilated():
-    mask = measure_gradcam.find_cell_mask(np.asarray(smear()), margin=3)
-    assert mask[120, 200] and mask[120, 200 + 40 + 2]  # inside, and in the dilated rim
-    assert not mask[40, 40]  # the small 'platelet' is not the cell
-    assert not mask[120, 200 + 40 + 6]
-    assert measure_gradcam.find_cell_mask(np.full((50, 50, 3), 220, np.uint8)) is None
-
-
-def test_measure_script_reports_a_hit_rate(tiny_model_path, tmp_path, capsys):
-    for label in ("EOSINOPHIL", "NEUTROPHIL"):
-        (tmp_path / "data" / label).mkdir(parents=True)
-        smear().save(tmp_path / "data" / label / "a.png")
-    Image.new("RGB", (64, 64), (220, 220, 220)).save(tmp_path / "data" / "NEUTROPHIL" / "blank.png")
-    out = tmp_path / "report.json"
-    result = measure_gradcam.main(
-        ["--data-dir", str(tmp_path / "data"), "--model", str(tiny_model_path), "--json", str(out)]
-    )
-    assert result["n"] == 2 and 0 <= result["hits"] <= 2
-    assert result["no_cell_found"] == ["NEUTROPHIL/blank.png"]
-    assert set(result["per_folder"]) == {"EOSINOPHIL", "NEUTROPHIL"}
-    assert 0 < result["chance_rate"] < 0.2
-    assert json.loads(out.read_text())["hits"] == result["hits"]
-    assert "Grad-CAM peak on the stained cell" in capsys.readouterr().out
-
-
-def make_kaggle_layout(root: Path, shift: int = 0) -> Path:
-    """A miniature blood-cells/ folder: one 640x480 original with its WBC box, its TEST_SIMPLE copy (halved;
-    `shift` moves the copy so that it no longer matches), the source map and a box CSV."""
-    original = smear(size=(640, 480), cell=(400, 240, 80), dot=(80, 80, 8))
-    (root / "dataset-master" / "JPEGImages").mkdir(parents=True)
-    original.save(root / "dataset-master" / "JPEGImages" / "BloodImage_00007.jpg", quality=95)
-    folder = root / "dataset2-master" / "images" / "TEST_SIMPLE" / "NEUTROPHIL"
-    folder.mkdir(parents=True)
-    half = original.resize((320, 240), Image.Resampling.BOX)
-    if shift:
-        half = half.rotate(0, translate=(shift, shift), fillcolor=(0, 0, 0))
-    half.save(folder / "_0_1.jpeg", quality=95)
-    (root / "test_simple_to_original.csv").write_text(
-        "test_simple_file,original_image_id\nimages/TEST_SIMPLE/NEUTROPHIL/_0_1.jpeg,7\n", encoding="utf-8")
-    boxes = root / "boxes.csv"
-    boxes.write_text("original_id,xmin,ymin,xmax,ymax\n7,321,161,480,320\n", encoding="utf-8")
-    return boxes
-
-
-def test_measure_script_scores_the_annotated_box(tiny_model_path, tmp_path, capsys):
-    boxes = make_kaggle_layout(tmp_path / "blood-cells")
-    data = tmp_path / "blood-cells" / "dataset2-master" / "images" / "TEST_SIMPLE"
-    result = measure_gradcam.main(["--data-dir", str(data), "--model", str(tiny_model_path),
-                                   "--wbc-boxes", str(boxes), "--overlays", str(tmp_path / "overlays")])
-    box = result["annotated_box"]  # the source map is found above --data-dir
-    assert box["n"] == 1 and box["misfit_left_out"] == [] and 0 <= box["hits"] <= 1
-    assert 0.08 < box["chance_rate"] < 0.09  # 160x160 of 640x480, halved on both axes: 80x80 of 320x240
-    row = result["images"][0]
-    assert row["source_id"] == 7 and row["misfit"] < 0.2
-    x, y = row["peak"]
-    assert row["hit_box"] == (160 <= x + 0.5 <= 240 and 80 <= y + 0.5 <= 160)
-    assert len(list((tmp_path / "overlays").glob("*.png"))) == 1
-    assert "annotated WBC box" in capsys.readouterr().out
-
-
-def test_an_image_that_is_not_its_halved_original_is_left_out(tiny_model_path, tmp_path):
-    boxes = make_kaggle_layout(tmp_path / "blood-cells", shift=40)
-    data = tmp_path / "blood-cells" / "dataset2-master" / "images" / "TEST_SIMPLE"
-    result = measure_gradcam.measure(data, tiny_model_path, margin=4, min_blue_excess=20, max_brightness=200,
-                                     wbc_boxes=boxes)
-    assert "annotated_box" not in result and result["images"][0]["misfit"] > 0.5
-
-
-def test_wbc_boxes_are_read_from_voc_annotations(tmp_path):
-    xml = ("<annotation><object><name>RBC</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax>"
-           "</bndbox></object><object><name>WBC</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>30</xmax>"
-           "<ymax>40</ymax></bndbox></object></annotation>")
-    (tmp_path / "BloodImage_00042.xml").write_text(xml, encoding="utf-8")
-    assert measure_gradcam.read_wbc_boxes(tmp_path) == {42: [(10.0, 20.0, 30.0, 40.0)]}
-    shipped = measure_gradcam.read_wbc_boxes(measure_gradcam.DEFAULT_BOXES)
-    assert len(shipped) == 358 and sum(len(b) for b in shipped.values()) == 372  # 14 photos hold two white cells
-
-
-def test_held_out_originals_are_the_validation_photos_halved(tiny_model_path, tmp_path):
-    """--held-out-originals measures the original photos of exactly the source photos that the model's grouped
-    split held out, halved like TEST_SIMPLE, with their boxes halved too."""
-    import csv
-
-    from training.fit_abstention import kaggle_split
-
-    from training.train import DEFAULTS as TRAIN_DEFAULTS
-
-    root = tmp_path / "blood-cells"
-    train = root / "dataset2-master" / "images" / "TRAIN"
-    originals = root / "dataset-master" / "JPEGImages"
-    originals.mkdir(parents=True)
-    chosen: dict[str, dict[int, list[str]]] = {}  # two source photos per class, two TRAIN copies of each
-    with open(TRAIN_DEFAULTS["sources"], newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            photos = chosen.setdefault(row["label"], {})
-            source = int(row["source_id"])
-            if (source in photos or len(photos) < 2) and len(photos.get(source, [])) < 2:
-                photos.setdefault(source, []).append(row["path"])
-    boxes = ["original_id,xmin,ymin,xmax,ymax"]
-    for photos in chosen.values():
-        for source, paths in photos.items():
-            for path in paths:
-                (train / path).parent.mkdir(parents=True, exist_ok=True)
-                smear(size=(320, 240)).save(train / path)
-            smear(size=(640, 480), cell=(400, 240, 80)).save(originals / f"BloodImage_{source:05d}.jpg", quality=95)
-            boxes.append(f"{source},321,161,480,320")
-    (root / "boxes.csv").write_text("\n".join(boxes) + "\n", encoding="utf-8")
-
-    result = measure_gradcam.main(["--data-dir", str(train), "--kaggle-dir", str(root), "--held-out-originals",
-                                   "--model", str(tiny_model_path), "--wbc-boxes", str(root / "boxes.csv"),
-                                   "--shifts", "2"])
-    labels = json.loads(tiny_model_path.with_suffix(".json").read_text())["labels"]
-    _, validation = kaggle_split(train, labels, TRAIN_DEFAULTS["sources"], 0.15, 1337)
-    validation_files = {Path(v).resolve() for v in validation.paths}
-    held_out = {source for photos in chosen.values() for source, paths in photos.items()
-                if any((train / p).resolve() in validation_files for p in paths)}
-    assert result["shifts"] == 2 and result["method"] == gradcam.DEFAULT_METHOD
-    assert result["images_measured"].startswith("held-out")
-    assert {row["source_id"] for row in result["images"]} == held_out and len(held_out) == 4  # one per class
-    assert result["annotated_box"]["n"] == 4 and result["annotated_box"]["misfit_left_out"] == []
-    for row in result["images"]:
-        x, y = row["peak"]
-        assert 0 <= x < 320 and 0 <= y < 240  # the halved photo
-        assert row["hit_box"] == (160 <= x + 0.5 <= 240 and 80 <= y + 0.5 <= 160)  # the box, halved
-
-    # --trained-on-originals: the other source photos, each setting of several under "method, kxk"
-    result = measure_gradcam.main(["--data-dir", str(train), "--kaggle-dir", str(root), "--trained-on-originals",
-                                   "--model", str(tiny_model_path), "--wbc-boxes", str(root / "boxes.csv"),
-                                   "--shifts", "1", "--method", "gradcam", "gradcam++"])
-    assert set(result["by_setting"]) == {"gradcam, 1x1", "gradcam++, 1x1"}
-    for name, setting in result["by_setting"].items():
-        assert setting["method"] == name.split(",")[0] and setting["images_measured"].startswith("trained-on")
-        trained_on = {source for photos in chosen.values() for source in photos} - held_out
-        assert {row["source_id"] for row in setting["images"]} == trained_on and len(trained_on) == 4
-

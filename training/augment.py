@@ -60,12 +60,3 @@ def augment(crops: np.ndarray, size: int, rng: np.random.Generator, *, min_scale
         array = np.rot90(np.asarray(picture), k=int(rng.integers(4)))
         out[i] = array[:, ::-1] if rng.random() < 0.5 else array
     return colour(out, rng, stain, light, grey)
-
-
-def resize(crops: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8, as served crops look at that size (no augmentation)."""
-    if crops.shape[1] == size:
-        return crops
-    resample = Image.Resampling.BILINEAR
-    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), resample)) for c in crops]) if len(crops) \
-        else np.zeros((0, size, size, 3), np.uint8)

@@ -55,13 +55,16 @@ def fit_calibration(train_features, train_targets, val_raw, val_targets, val_fea
     components = min(components, train_features.shape[1], max(1, len(train_targets) - len(set(train_targets))))
     density = abstention.fit_feature_density(train_features, train_targets, components=components)
     distances = density.distances(val_features)
+    if not np.all(np.isfinite(distances)):  # too few training cells for a covariance: no distance test
+        density = distances = None
     single = abstention.Temperature(base=abstention.fit_temperature(val_raw, val_targets))
     temperature = (abstention.fit_distance_temperature(val_raw, val_targets, distances)
-                   if calibration == "distance" else single)
+                   if calibration == "distance" and distances is not None else single)
     calibrated = temperature.apply(val_raw, distances)
     top = calibrated.max(axis=1)
     domains = sorted(set(val_domains))
-    max_distance = max(abstention.threshold_for_rate(distances[val_domains == d], distance_rate) for d in domains)
+    max_distance = (max(abstention.threshold_for_rate(distances[val_domains == d], distance_rate) for d in domains)
+                    if distances is not None else None)
     min_probability = min(abstention.threshold_for_rate(top[val_domains == d], confidence_rate, upper=False)
                           for d in domains)
     rule = abstention.AbstentionRule(min_probability=min_probability, max_distance=max_distance, density=density)
@@ -77,7 +80,7 @@ def fit_calibration(train_features, train_targets, val_raw, val_targets, val_fea
             "ece_before": abstention.expected_calibration_error(raw, y),
             "ece_after": abstention.expected_calibration_error(cal, y),
             "flag_rate": float(flagged[members].mean()),
-            "flag_rate_distance": float((distances[members] > max_distance).mean()),
+            "flag_rate_distance": float((distances[members] > max_distance).mean()) if density else 0.0,
             "flag_rate_confidence": float((top[members] < min_probability).mean()),
         }
     return {"temperature": temperature, "single_temperature": single.base, "density": density,
@@ -86,13 +89,16 @@ def fit_calibration(train_features, train_targets, val_raw, val_targets, val_fea
 
 def write_calibration(model_path: Path, fitted: dict, record: dict) -> None:
     """The `<model>_ood.npz` beside the model and the metadata's `calibration` and `abstention` sections, tied
-    to the .h5 by its sha256 so stale parameters are never applied."""
+    to the .h5 by its sha256 so stale parameters are never applied. A `density` of None (a model without pooled
+    features to measure distances on) gives the low-confidence test alone, and no npz."""
     from hematovision.classifier import abstention_path_for, metadata_path_for
     from hematovision.fast_runtime import sha256_of
 
     model_sha = sha256_of(model_path)
     npz = abstention_path_for(model_path)
-    npz.write_bytes(fitted["density"].to_bytes())
+    density = fitted["density"]
+    if density is not None:
+        npz.write_bytes(density.to_bytes())
     meta_path = metadata_path_for(model_path)
     metadata = json.loads(meta_path.read_text(encoding="utf-8"))
     figures = fitted["validation"]
@@ -111,12 +117,13 @@ def write_calibration(model_path: Path, fitted: dict, record: dict) -> None:
     metadata["abstention"] = {
         "method": ("uncertain when the calibrated top probability < min_probability (low confidence), or when the "
                    "Mahalanobis distance of the pooled features to the nearest class mean (shared covariance, its "
-                   f"{fitted['density'].projection.shape[1]} principal directions of least variance) > max_distance "
-                   "(not like any training cell)"),
-        "file": npz.name,
-        "file_sha256": sha256_of(npz),
+                   f"{density.projection.shape[1]} principal directions of least variance) > max_distance "
+                   "(not like any training cell)" if density is not None else
+                   "uncertain when the calibrated top probability < min_probability (low confidence)"),
+        "file": npz.name if density is not None else None,
+        "file_sha256": sha256_of(npz) if density is not None else None,
         "min_probability": fitted["min_probability"],
-        "max_distance": fitted["max_distance"],
+        "max_distance": fitted["max_distance"] if density is not None else None,
         "density_fitted_on": record["training_data"],
         "thresholds_chosen_on": record["validation_data"] + "; " + record["rates"],
         "model_sha256": model_sha,

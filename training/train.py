@@ -260,12 +260,10 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
 class EpochEnd:
     """After each epoch: validation accuracy per lab, the best weights so far, a checkpoint, a progress line."""
 
-    def __init__(self, model, val: dict, size: int, checkpoint: Path, state: dict, progress: Progress,
-                 total_epochs: int):
-        from training.augment import resize
-
-        self.model, self.size, self.checkpoint, self.state, self.progress = model, size, checkpoint, state, progress
-        self.val = {lab: (resize(c.crops, size).astype(np.float32), c.targets) for lab, c in val.items()}
+    def __init__(self, model, val: dict, checkpoint: Path, state: dict, progress: Progress, total_epochs: int):
+        self.model, self.checkpoint, self.state, self.progress = model, checkpoint, state, progress
+        # At 224, the size the model is served at, whatever size it trains at: the epochs are compared as served.
+        self.val = {lab: (c.crops, c.targets) for lab, c in val.items()}
         self.total_epochs = total_epochs
         self.epoch_started = time.time()
 
@@ -318,8 +316,9 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
         for phase, size, epochs, lr in plan:
             if not epochs:
                 continue
+            # Any input size: it trains on size x size batches and is validated at 224.
             model = build_model(len(config.LABELS), weights=weights if not done else None, dropout=args.dropout,
-                                image_size=(size, size))
+                                image_size=(None, None))
             weights = None  # only the first model starts from ImageNet; later ones take the previous weights
             if (checkpoint / "last.weights.h5").is_file():
                 model.load_weights(checkpoint / "last.weights.h5")
@@ -334,7 +333,7 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
                           metrics=["accuracy"])
             if start:  # resumed: the schedule continues where it stopped (the Adam moments start again)
                 model.optimizer.iterations.assign(start * steps_per_epoch)
-            end = EpochEnd(model, val, size, checkpoint, state, progress, total)
+            end = EpochEnd(model, val, checkpoint, state, progress, total)
             callback = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs, p=phase, f=end: f(p, e + 1, logs))
             progress.say(f"{phase}: {size} px, epochs {start + 1}-{epochs}, {steps_per_epoch} steps of "
                          f"{args.batch_size}, {'head only' if phase == 'head' else 'from ' + args.fine_tune_from}")
