@@ -10,7 +10,10 @@ Measures, on the shipped model (or --model):
   3. the same request through the naive path of a typical project (save the upload to a temporary file,
      keras.utils.load_img(target_size=(224, 224)), img_to_array / 255, model.predict), and the ratio;
   4. POST /api/predict with 32 images in one request: images per second;
-  5. start-up of `python app.py --port N` until the first 200, and its resident memory after 30 requests.
+  5. POST /api/predict with one 320x240 single-cell image, and with a 640x480 field holding one white cell (the
+     committed BCCD field tests/data/fields/bccd_00001_one_wbc.jpg, 320x240, enlarged 2x); finding the white cells
+     alone in that field;
+  6. start-up of `python app.py --port N` until the first 200, and its resident memory after 30 requests.
 Prints a table and writes bench/results/bench_predict.json. Targets are from issue 5.
 """
 
@@ -45,10 +48,10 @@ def bench_model(model_path: Path, runs: int) -> dict:
     import tensorflow as tf
 
     from hematovision.classifier import load_classifier
-    from hematovision.imaging import prepare_bytes
+    from hematovision.imaging import prepare_field
 
     name, data = _common.sample_jpeg()
-    x = prepare_bytes(data)[None].astype(np.float32)
+    x = prepare_field(data).primary_crop[None].astype(np.float32)
     model = keras.models.load_model(model_path, compile=False)
 
     @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
@@ -87,6 +90,44 @@ def bench_api_batch(model_path: Path, requests: int, batch: int = 32) -> dict:
 
     timings = _common.time_calls(post, requests)
     return {"batch": batch, **timings, "images_per_s": round(batch / (timings["median_ms"] / 1000), 1)}
+
+
+def field_640x480() -> bytes:
+    """A 640x480 JPEG of a smear field with one white cell: the committed 320x240 BCCD field, enlarged 2x."""
+    from PIL import Image
+
+    image = Image.open(_common.ROOT / "tests" / "data" / "fields" / "bccd_00001_one_wbc.jpg").convert("RGB")
+    buffer = io.BytesIO()
+    image.resize((640, 480), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def bench_api_single(model_path: Path, requests: int) -> dict:
+    """POST /api/predict with one image: a 320x240 single-cell sample, then a 640x480 field with one white cell;
+    and the white-cell finder alone on that field (decoded array in)."""
+    import numpy as np
+    from PIL import Image
+
+    from app import create_app
+    from hematovision.cells import find_white_cells
+
+    app = create_app({"MODEL_PATH": str(model_path)})
+    client = app.test_client()
+    result = {}
+    for key, (name, data) in {"single_cell_320x240": _common.sample_jpeg(),
+                              "field_640x480": ("field.jpg", field_640x480())}.items():
+        def post(name=name, data=data):
+            response = client.post("/api/predict", data={"file": (io.BytesIO(data), name)},
+                                   content_type="multipart/form-data")
+            assert response.status_code == 200, response.status_code
+            return response.get_json()["results"][0]
+
+        result[key] = {"cells_found": len(post()["cells"]), **_common.time_calls(post, requests)}
+    rgb = np.asarray(Image.open(io.BytesIO(field_640x480())).convert("RGB"))
+    result["find_white_cells_640x480"] = _common.time_calls(lambda: find_white_cells(rgb), requests)
+    result["field_over_single_ratio"] = round(result["field_640x480"]["median_ms"]
+                                              / result["single_cell_320x240"]["median_ms"], 2)
+    return result
 
 
 def _csrf_fields(client) -> dict:
@@ -200,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     result["post_predict"] = bench_post_predict(args.model, args.requests)
     result["post_predict_with_grad_cam"] = bench_post_predict(args.model, max(5, args.requests // 5), explain=True)
     result["api_batch_32"] = bench_api_batch(args.model, max(5, args.requests // 10))
+    result["api_single"] = bench_api_single(args.model, args.requests)
     result["naive_post_predict"] = bench_naive(args.model, args.requests)
     ours, naive = result["post_predict"]["median_ms"], result["naive_post_predict"]["median_ms"]
     result["speedup_vs_naive"] = round(naive / ours, 2)
@@ -251,6 +293,10 @@ def print_table(result: dict) -> None:
         print(f"{name:34} {row['median_ms']:10.2f} {row['p90_ms']:10.2f} {row['n']:6d}")
     row = result["api_batch_32"]
     print(f"POST /api/predict, 32 images: median {row['median_ms']:.1f} ms = {row['images_per_s']} images/s")
+    single = result["api_single"]
+    print(f"POST /api/predict, one image: 320x240 single cell {single['single_cell_320x240']['median_ms']:.1f} ms, "
+          f"640x480 field {single['field_640x480']['median_ms']:.1f} ms ({single['field_over_single_ratio']}x); "
+          f"finding the cells alone {single['find_white_cells_640x480']['median_ms']:.2f} ms")
     print(f"speed-up over naive: {result['speedup_vs_naive']:.1f}x")
     server = result.get("server")
     if server:
