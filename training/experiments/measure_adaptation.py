@@ -1,0 +1,330 @@
+"""How much a few labelled cells of a new lab help (training/adapt.py), measured on LISC with a model that never
+saw LISC (trained with --hold-out lisc: a leave-one-lab-out model).
+
+    python training/experiments/measure_adaptation.py --base /tmp/hv/lolo_lisc/blood_cell_model.h5 \
+        --data-root ../shared/data
+
+LISC is split by cell (training.splits.lisc: 60/20/20 of each class's cells, seed 1337); several shifted crops of
+one cell never fall on two sides. An adaptation gets k cells per class, one crop of each (a random one).
+
+1. choose (LISC train -> validation): k cells per class drawn from the train cells, accuracy on all crops of the
+   validation cells, for every setting of the grid (share of the lab's batch-norm statistics x L2 pull of the
+   refitted classifier towards the base's, with "statistics only" and "classifier only" among them), k = 1, 5, 20,
+   --seeds draws each. The setting with the best mean validation accuracy is chosen. The test cells are not read.
+2. test (LISC train + validation -> test): the chosen setting, k cells per class drawn from the train and
+   validation cells, accuracy on all crops of the test cells (a crop where no white cell is found counts as
+   wrong); k = 0 is the base model as it is. k = 1 calls training.adapt.adapt() itself: the command wants at least
+   2 images per class.
+3. command: training/adapt.py run as a user runs it (its own process, the LISC crop files of 5 and 20 cells per
+   class copied into class folders), timed, and the model it writes served through load_classifier (TFLite, its
+   calibration and "uncertain" rule) on the test cells; with the share left unanswered ("uncertain", or no white
+   cell found) of LISC's test basophils (a type the model does not know) and, with --noncell-dir
+   (training/experiments/make_noncell_set.py), of images that are not white cells, beside the base's own.
+
+Writes training/experiments/results/adaptation.json (--json). --threads limits TensorFlow's CPU threads here (the
+timed command of step 3 runs with --command-cores CPU cores, all by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training import config, splits
+from training.cropsets import load_crops
+from training.metrics import wilson_interval
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULTS = {
+    "base": config.SHIPPED_MODEL,
+    "data_root": ROOT.parent / "shared" / "data",
+    "json": ROOT / "training" / "experiments" / "results" / "adaptation.json",
+    "ks": "1,5,20",
+    "seeds": 3,
+    "mixes": "0,0.25,0.5,0.75,1",
+    "l2s": "1e-5,3e-5,1e-4,3e-4,1e-3",
+    "command_ks": "5,20",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", type=Path, default=DEFAULTS["base"], help="a model that never saw LISC")
+    p.add_argument("--data-root", type=Path, default=DEFAULTS["data_root"], help="holds lisc-crops/")
+    p.add_argument("--json", type=Path, default=DEFAULTS["json"])
+    p.add_argument("--ks", default=DEFAULTS["ks"], help="labelled cells per class")
+    p.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="draws of the cells for each k")
+    p.add_argument("--mixes", default=DEFAULTS["mixes"], help="grid: share of the lab's batch-norm statistics")
+    p.add_argument("--l2s", default=DEFAULTS["l2s"], help="grid: L2 pull of the refitted classifier")
+    p.add_argument("--command-ks", default=DEFAULTS["command_ks"], help="images per class of the timed commands")
+    p.add_argument("--command-cores", type=int, default=0, help="CPU cores of the timed command (0: all)")
+    p.add_argument("--noncell-dir", type=Path, help="make_noncell_set.py's folder: non-cells left unanswered")
+    p.add_argument("--threads", type=int, default=0, help="TensorFlow CPU threads here (0: all)")
+    p.add_argument("--skip-choose", action="store_true",
+                   help="take the setting from training/adapt.py's defaults instead of choosing it")
+    p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "hv_adapt_cache")
+    return p.parse_args(argv)
+
+
+def draw(cropset, k: int, seed: int) -> np.ndarray:
+    """Indices of one random crop of each of k random cells per class (cells with a white cell found)."""
+    rng = np.random.default_rng(seed)
+    targets, groups = cropset.targets, cropset.groups
+    chosen = []
+    for label in range(len(config.LABELS)):
+        cells = rng.permutation(np.unique(groups[targets == label]))[:k]
+        chosen += [int(rng.choice(np.flatnonzero(groups == cell))) for cell in cells]
+    return np.array(chosen, int)
+
+
+def accuracy(cropset, probabilities: np.ndarray) -> float:
+    """Share of all the set's files answered right (files where no white cell was found count as wrong)."""
+    return float((probabilities.argmax(1) == cropset.targets).sum() / len(cropset.rows))
+
+
+def summary(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values)), "min": float(np.min(values)),
+            "runs": [round(v, 4) for v in values]}
+
+
+class Base:
+    """The base model loaded once; `fresh()` puts its weights back before each adaptation."""
+
+    def __init__(self, path: Path):
+        import keras
+
+        self.model = keras.models.load_model(path, compile=False)
+        self.weights = [w.copy() for w in self.model.get_weights()]
+        from training.adapt import FeatureRunner
+
+        self.runner = FeatureRunner(self.model)  # one traced graph: it reads the weights as they are
+
+    def fresh(self):
+        self.model.set_weights(self.weights)
+        return self.model
+
+
+def choose(base: Base, train, validation, ks, seeds, mixes, l2s) -> dict:
+    """Validation accuracy of every setting of the grid; the setting with the best mean."""
+    from training import adapt
+
+    scores: dict[str, list[float]] = {}
+    by_k: dict[str, dict[int, list[float]]] = {}
+
+    def record(name: str, k: int, value: float) -> None:
+        scores.setdefault(name, []).append(value)
+        by_k.setdefault(name, {}).setdefault(k, []).append(value)
+
+    base.fresh()
+    base_probabilities, _ = base.runner(validation.crops)
+    for k in ks:
+        for seed in range(seeds):
+            chosen = draw(train, k, seed)
+            for mix in mixes:
+                model = base.fresh()
+                adaptation = adapt.adapt(model, train.crops[chosen], train.targets[chosen], stats_mix=mix,
+                                         head_l2=l2s[0], runner=base.runner, progress=False)
+                _, features = base.runner(validation.crops)
+                if mix:
+                    record(f"statistics only, mix {mix:g}", k,
+                           accuracy(validation, adapt.softmax_of(features, adaptation.base_head)))
+                flat = adaptation.features.reshape(-1, adaptation.features.shape[-1])
+                for l2 in l2s:
+                    head = adapt.fit_head(flat, np.repeat(adaptation.targets, adaptation.features.shape[1]),
+                                          adaptation.base_head, l2)
+                    record(f"mix {mix:g}, l2 {l2:g}", k, accuracy(validation, adapt.softmax_of(features, head)))
+            record("base", k, accuracy(validation, base_probabilities))
+            print(f"  choose: k={k} seed={seed}: best so far "
+                  f"{max(scores, key=lambda n: np.mean(scores[n]))}", flush=True)
+    best = max((n for n in scores if n.startswith("mix")), key=lambda n: np.mean(scores[n]))
+    mix, l2 = (float(part.split()[-1]) for part in best.split(", "))
+    return {
+        "data": "adapt on k cells per class of LISC's train cells, measured on all crops of its validation cells",
+        "chosen": {"name": best, "stats_mix": mix, "head_l2": l2},
+        "settings": {name: {"mean": float(np.mean(v)),
+                            "by_k": {str(k): summary(x) for k, x in by_k[name].items()}}
+                     for name, v in sorted(scores.items(), key=lambda item: -np.mean(item[1]))},
+    }
+
+
+def test(base: Base, pool, test_set, ks, seeds, mix: float, l2: float) -> dict:
+    """Test accuracy of the chosen setting for each k (0: the base model), and the seconds of each adaptation."""
+    from training import adapt
+
+    results = {}
+    base.fresh()
+    base_probabilities, _ = base.runner(test_set.crops)
+    results["0"] = {"accuracy": summary([accuracy(test_set, base_probabilities)]), "seconds": None}
+    for k in ks:
+        values, seconds = [], []
+        for seed in range(seeds):
+            chosen = draw(pool, k, 100 + seed)
+            model = base.fresh()
+            started = time.perf_counter()
+            adapt.adapt(model, pool.crops[chosen], pool.targets[chosen], stats_mix=mix, head_l2=l2,
+                        runner=base.runner, progress=False)
+            seconds.append(time.perf_counter() - started)
+            probabilities, _ = base.runner(test_set.crops)
+            values.append(accuracy(test_set, probabilities))
+            print(f"  test: k={k} seed={seed}: {values[-1]:.3f} ({seconds[-1]:.0f} s)", flush=True)
+        results[str(k)] = {"accuracy": summary(values), "seconds": summary(seconds)}
+    return results
+
+
+def unanswered(classifier, cropset) -> dict:
+    """Share of the set's files the app gives no class: no white cell found, or "uncertain"."""
+    flags = np.ones(len(cropset.rows), bool)
+    if cropset.found.any():
+        flags[cropset.found] = classifier.assess(cropset.crops).uncertain
+    low, high = wilson_interval(int(flags.sum()), len(flags))
+    return {"n": len(flags), "rate": float(flags.mean()), "ci95": [low, high]}
+
+
+def served(classifier, test_set, others: dict) -> dict:
+    from training import pipeline
+
+    figures = pipeline.assess_crops(classifier, test_set)
+    result = {key: figures[key] for key in ("n", "accuracy", "accuracy_ci95", "macro_f1", "abstention_rate",
+                                            "abstained_by_reason", "accuracy_answered", "ece")}
+    return {"test": result, **{f"unanswered_{name}": unanswered(classifier, crops) for name, crops in others.items()}}
+
+
+def command(base_path: Path, pool, test_set, others: dict, k: int, cores: int, workdir: Path) -> dict:
+    """training/adapt.py in its own process on k LISC files per class, timed; its model served on the test set."""
+    from hematovision.classifier import load_classifier
+
+    chosen = draw(pool, k, 7)
+    data = workdir / f"lisc_{k}"
+    for i in chosen:
+        path = pool.rows.paths[np.flatnonzero(pool.found)[i]]
+        folder = data / config.LABELS[pool.targets[i]].lower()
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.name)
+    out = workdir / f"adapted_{k}" / "model.h5"
+    line = [sys.executable, str(ROOT / "training" / "adapt.py"), "--data-dir", str(data), "--out", str(out),
+            "--base", str(base_path)]
+    if cores:
+        line = ["taskset", "-c", ",".join(str(c) for c in range(cores))] + line
+    started = time.perf_counter()
+    done = subprocess.run(line, cwd=ROOT, capture_output=True, text=True, env={**os.environ,
+                                                                               "TF_CPP_MIN_LOG_LEVEL": "2"})
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"adapt.py failed ({done.returncode}): {done.stderr[-2000:]}")
+    classifier = load_classifier(out)
+    result = served(classifier, test_set, others)
+    figures = json.loads(out.with_suffix(".json").read_text())["adaptation"]["figures"]
+    print(f"  command: k={k}: {seconds:.0f} s, served test accuracy {result['test']['accuracy']:.3f}, answered "
+          f"{1 - result['test']['abstention_rate']:.1%}, leave-one-out {figures['accuracy']:.3f}", flush=True)
+    return {"images_per_class": k, "seconds": round(seconds, 1), "cores": cores or os.cpu_count(),
+            "runtime": classifier.runtime, **result,
+            "leave_one_out": {key: figures[key] for key in ("n", "accuracy", "accuracy_ci95")}}
+
+
+def abstention_sets(args) -> dict:
+    """LISC's test basophils, and the non-cell images when --noncell-dir is given, as CropSets."""
+    import csv
+
+    lisc = splits.lisc(args.data_root, config.LABELS, "test", include_unknown=True)
+    others = {"lisc_basophils_test": lisc.subset([i for i, t in enumerate(lisc.targets) if t < 0])}
+    if args.noncell_dir:
+        rows = splits.Rows("noncell")
+        with open(args.noncell_dir / "manifest.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                rows.add(args.noncell_dir / row["path"], -1, row["kind"])
+        others["noncells"] = rows
+    return {name: load_crops(rows, workers=args.threads or None, cache_dir=args.cache_dir, desc=name)
+            for name, rows in others.items()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    from training import adapt
+
+    started = time.time()
+    ks = [int(k) for k in args.ks.split(",")]
+    sets = {split: load_crops(splits.lisc(args.data_root, config.LABELS, split), workers=args.threads or None,
+                              cache_dir=args.cache_dir, desc=f"LISC {split}")
+            for split in ("train", "validation", "test")}
+    for split, crops in sets.items():
+        print(f"LISC {split}: {len(crops.rows)} crops of {len(set(crops.rows.groups))} cells, white cell found in "
+              f"{int(crops.found.sum())}", flush=True)
+    base = Base(args.base)
+    result = {
+        "command": "python training/experiments/measure_adaptation.py " + " ".join(
+            config.display_path(w) if os.path.isabs(w) else w for w in (sys.argv[1:] if argv is None else argv)),
+        "base_model": config.display_path(args.base),
+        "base_held_out_lab": (json.loads(args.base.with_suffix(".json").read_text()).get("training") or {}).get(
+            "held_out_lab"),
+        "lisc_cells": {split: len(set(c.rows.groups)) for split, c in sets.items()},
+        "lisc_crops": {split: len(c.rows) for split, c in sets.items()},
+        "cell_draws": "one random crop of each of k random cells per class; seeds 0.. (choose), 100.. (test)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, TensorFlow threads {args.threads or 'all'}",
+    }
+    if args.skip_choose:
+        mix, l2 = adapt.DEFAULTS["stats_mix"], adapt.DEFAULTS["head_l2"]
+        result["choose"] = {"chosen": {"name": "training/adapt.py defaults", "stats_mix": mix, "head_l2": l2}}
+    else:
+        print("1. choose, on LISC validation cells", flush=True)
+        result["choose"] = choose(base, sets["train"], sets["validation"], ks, args.seeds,
+                                  [float(m) for m in args.mixes.split(",")], [float(v) for v in args.l2s.split(",")])
+        mix, l2 = result["choose"]["chosen"]["stats_mix"], result["choose"]["chosen"]["head_l2"]
+        print(f"   chosen: {result['choose']['chosen']['name']}", flush=True)
+    pool = merge(sets["train"], sets["validation"])
+    print("2. test, on LISC test cells", flush=True)
+    result["test"] = {"setting": {"stats_mix": mix, "head_l2": l2},
+                      "data": "adapt on k cells per class of LISC's train+validation cells, measured on all crops "
+                              "of its test cells (a crop without a white cell found counts as wrong)",
+                      "by_k": test(base, pool, sets["test"], ks, args.seeds, mix, l2)}
+    n_test = len(sets["test"].rows)
+    for figures in result["test"]["by_k"].values():
+        low, high = wilson_interval(round(figures["accuracy"]["mean"] * n_test), n_test)
+        figures["accuracy"]["ci95_of_mean"] = [low, high]
+    print("3. the command itself, timed", flush=True)
+    if (mix, l2) != (adapt.DEFAULTS["stats_mix"], adapt.DEFAULTS["head_l2"]):
+        print(f"   note: adapt.py's defaults ({adapt.DEFAULTS['stats_mix']}, {adapt.DEFAULTS['head_l2']}) are not the "
+              f"chosen setting ({mix}, {l2})", flush=True)
+    from hematovision.classifier import load_classifier
+
+    others = abstention_sets(args)
+    result["base_served"] = served(load_classifier(args.base), sets["test"], others)
+    workdir = Path(tempfile.mkdtemp(prefix="hv_adapt_"))
+    try:
+        result["command_runs"] = [command(args.base, pool, sets["test"], others, int(k), args.command_cores, workdir)
+                                  for k in args.command_ks.split(",") if k]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["seconds"] = round(time.time() - started)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.json}")
+    return 0
+
+
+def merge(a, b):
+    """Two CropSets as one (the pool the test draws its labelled cells from)."""
+    from training.cropsets import CropSet
+
+    rows = splits.Rows(a.rows.lab, a.rows.paths + b.rows.paths, a.rows.targets + b.rows.targets,
+                       a.rows.groups + b.rows.groups)
+    return CropSet(rows, np.concatenate([a.crops, b.crops]), np.concatenate([a.found, b.found]))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
