@@ -53,6 +53,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         # Shifted copies per axis behind each Grad-CAM heatmap (hematovision/gradcam.py): 1 = the plain 7x7 map.
         GRADCAM_SHIFTS=gradcam.DEFAULT_SHIFTS,
         GRADCAM_METHOD=gradcam.DEFAULT_METHOD,  # "gradcam++" or "gradcam": how its channels are weighted
+        # Load Keras and trace the heatmap in a background thread after start-up, so that the first heatmap asked
+        # for is as quick as the others. None: yes, unless TESTING (the tests do not pay for it unless they ask).
+        PREPARE_HEATMAP_IN_BACKGROUND=None,
     )
     app.config.from_prefixed_env()  # e.g. FLASK_MODEL_PATH, FLASK_MAX_CONTENT_LENGTH
     if test_config:
@@ -75,6 +78,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     errors.init_app(app)  # JSON under /api/, pages elsewhere
     csrf.init_app(app)
     app.after_request(web.add_security_headers)
+    prepare = app.config["PREPARE_HEATMAP_IN_BACKGROUND"]
+    if prepare or (prepare is None and not app.testing):
+        web.start_heatmap_preparation(app)  # a daemon thread: create_app and the first page do not wait for it
     return app
 
 

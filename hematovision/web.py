@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from dataclasses import dataclass
 
+import numpy as np
 from flask import Blueprint, Request, current_app, make_response, redirect, render_template, request, url_for
 from PIL import Image
 from werkzeug.datastructures import FileStorage
@@ -28,18 +30,23 @@ from hematovision.batch import (
     write_csv,
 )
 from hematovision.classifier import Classifier
-from hematovision.imaging import Field, ImageRejected, decode_image, field_from_image
+from hematovision.imaging import IMAGE_SIZE, Field, ImageRejected, decode_image, field_from_image
 
 EXTENSION_KEY = "hematovision"
 GRADCAM_KEY = "hematovision.gradcam"
 THUMBNAIL_MAX_SIDE = 448
-BATCH_THUMBNAIL_SIDE = 128
+BATCH_THUMBNAIL_SIDE = 320  # pixels of a batch thumbnail: sharp at a phone's full card width
+BATCH_THUMBNAIL_WIDTH = 200  # ... and the CSS pixels it is shown at in the wide table
 BADGE_SIZE = 22  # the number's badge on a box, in CSS pixels at the result page's image width
-SMALL_BADGE_SIZE = 16  # ... on the batch page's thumbnails
+SMALL_BADGE_SIZE = 16  # ... on the batch page's thumbnails, at BATCH_THUMBNAIL_WIDTH
 HEATMAP_MAX_CELLS = 8  # cells explained on one result page at most: each costs one heatmap
-# A calibrated probability in words, on a plain verbal scale of likelihood (the probability that the type is right).
-PROBABILITY_WORDS = ((0.99, "almost certain"), (0.90, "very likely"), (0.70, "likely"),
-                     (0.50, "more likely than not"), (0.0, "less likely than not"))
+# The calibrated probability of a cell's type, in words: the one place these bands are set (the pages, and the
+# model card that explains them, read them from here). The probabilities are calibrated on validation cells, so the
+# bands mean what they say: of the cells called "likely" (80-95%), 80 to 95 in 100 are of that type.
+PROBABILITY_WORDS = ((0.95, "almost certain"), (0.80, "likely"), (0.60, "possible"), (0.0, "unsure"))
+# A differential is compared with the adult reference ranges only over at least this many counted cells; below it,
+# a share is too rough for "below range" or "above range" to mean anything.
+MIN_CELLS_TO_COMPARE = 50
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -126,7 +133,7 @@ def predict():
         image = decode_image(upload.read(), max_pixels=current_app.config["MAX_IMAGE_PIXELS"])
     except ImageRejected as exc:
         current_app.logger.info("Upload rejected (%s): %s", exc.status, exc.message)
-        return render_home(exc.message, exc.status)
+        return render_home(about_file(upload.filename, exc.message), exc.status)
     return render_prediction(image, upload.filename, explain=request.form.get("explain") == "on")
 
 
@@ -168,6 +175,7 @@ def render_prediction(image: Image.Image, filename: str, explain: bool = False):
             filename=shorten(filename),
             heatmap_uri=heatmap_uri,
             explained=explained,
+            heatmap_asked=explain,
         )
     )
     response.headers["Cache-Control"] = "no-store"  # the page embeds the person's image
@@ -201,9 +209,7 @@ def explain_cells(image: Image.Image, prepared: Field, result: ItemResult,
     chosen = [result.cells[i] for i in nearest_centre(result.cells, result.size, HEATMAP_MAX_CELLS)]
     labels = get_classifier().labels
     try:
-        explainer = current_app.extensions.get(GRADCAM_KEY)
-        if explainer is None:
-            explainer = current_app.extensions[GRADCAM_KEY] = gradcam.GradCam(get_classifier().model)
+        explainer = get_explainer(current_app)
         heatmaps = [
             explainer.compute_heatmap(prepared.crops[cell.field_index], labels.index(cell.label),
                                       shifts=int(current_app.config["GRADCAM_SHIFTS"]),
@@ -217,6 +223,55 @@ def explain_cells(image: Image.Image, prepared: Field, result: ItemResult,
     drawn = [(cell.box, heatmap) for cell, heatmap in zip(chosen, heatmaps, strict=True)]
     overlay = gradcam.overlay_cell_heatmaps(thumbnail, size[0] / image.size[0], drawn)
     return gradcam.encode_jpeg_uri(overlay), sorted(cell.number for cell in chosen)
+
+
+_EXPLAINER_LOCK = threading.Lock()
+
+
+def get_explainer(app) -> gradcam.GradCam:
+    """The app's Grad-CAM explainer, built on first use (it loads Keras and the .h5: seconds). One lock, so that a
+    request and the background preparation (prepare_heatmap) never build two."""
+    explainer = app.extensions.get(GRADCAM_KEY)
+    if explainer is None:
+        with _EXPLAINER_LOCK:
+            explainer = app.extensions.get(GRADCAM_KEY)
+            if explainer is None:
+                explainer = app.extensions[GRADCAM_KEY] = gradcam.GradCam(app.extensions[EXTENSION_KEY].model)
+    return explainer
+
+
+def prepare_heatmap(app) -> None:
+    """Load Keras and the model, and trace the heatmap's graph on a blank crop, so that the first person who ticks
+    the heatmap box does not wait for it. Run in a background thread after start-up (app.py); a failure only means
+    the first heatmap is slow, or absent, as before."""
+    try:
+        explainer = get_explainer(app)
+        explainer.compute_heatmap(np.zeros((*IMAGE_SIZE, 3), np.uint8), 0,
+                                  shifts=int(app.config["GRADCAM_SHIFTS"]), method=app.config["GRADCAM_METHOD"])
+        app.logger.info("Heatmap prepared")
+    except Exception as exc:  # the pages work without it: the first heatmap is only slower, or absent
+        app.logger.warning("The heatmap could not be prepared in the background: %s", exc)
+
+
+def start_heatmap_preparation(app, wait_for_first_page: float = 10.0) -> threading.Thread:
+    """prepare_heatmap(app) in a daemon thread (it never keeps the process alive). It first waits until the app has
+    answered its first request, or `wait_for_first_page` seconds: loading Keras holds the interpreter for seconds,
+    and the first page must not wait for it."""
+    answered = threading.Event()
+
+    def note_answered(response: Response) -> Response:
+        answered.set()
+        return response
+
+    app.after_request(note_answered)
+
+    def run() -> None:
+        answered.wait(wait_for_first_page)
+        prepare_heatmap(app)
+
+    thread = threading.Thread(target=run, name="prepare-heatmap", daemon=True)
+    thread.start()
+    return thread
 
 
 def render_home(error: str | None = None, status: int = 200):
@@ -244,7 +299,10 @@ def render_batch(uploads: list[FileStorage]):
     for r in results:
         if r.ok:
             uri, size = encode_thumbnail(r.thumbnail, BATCH_THUMBNAIL_SIDE)
-            rows.append(ImageRow(r, uri, size, *box_views(r, size[0])))
+            # The boxes' units: the thumbnail as shown in the wide table (its badges keep a readable size there,
+            # and grow with the picture on a phone's card).
+            shown_width = max(1, round(size[0] * BATCH_THUMBNAIL_WIDTH / BATCH_THUMBNAIL_SIDE))
+            rows.append(ImageRow(r, uri, size, *box_views(r, shown_width, SMALL_BADGE_SIZE)))
     csv_text = write_csv(results, classifier.labels)
     current_app.logger.info("Batch: %d files, %d read, %d white cells", len(results), sum(r.ok for r in results),
                             sum(len(r.cells) for r in results))
@@ -255,6 +313,7 @@ def render_batch(uploads: list[FileStorage]):
             differential=count_differential(results, classifier.labels),
             threshold=classifier.min_probability(uncertain_below()),
             distance_rule=classifier.rule.tests_distance,
+            min_cells_to_compare=MIN_CELLS_TO_COMPARE,
             csv_uri="data:text/csv;charset=utf-8;base64," + base64.b64encode(csv_text.encode("utf-8")).decode(),
             shorten=shorten,
         )
@@ -272,16 +331,16 @@ def rank_classes(labels: list[str], probabilities) -> list[ClassScore]:
     return sorted(scores, key=lambda score: score.probability, reverse=True)
 
 
-def box_views(result: ItemResult, display_width: int) -> tuple[int, int, list[BoxView]]:
+def box_views(result: ItemResult, display_width: int, badge: int = BADGE_SIZE) -> tuple[int, int, list[BoxView]]:
     """The cells' boxes for the SVG drawn over an image shown `display_width` CSS pixels wide (at most): the
     SVG's view box (width, height) at that width, and a BoxView per cell in its units, so that the boxes, numbers
-    and strokes keep one size on screen whatever the photo's own pixel size."""
+    and strokes keep one size on screen whatever the photo's own pixel size. `badge`: the side of the numbers'
+    squares at that width."""
     if not result.size:
         return display_width, display_width, []
     width, height = result.size
     scale = display_width / width
     view_height = max(1, round(height * scale))
-    badge = BADGE_SIZE if display_width > 2 * BATCH_THUMBNAIL_SIDE else SMALL_BADGE_SIZE
     boxes = []
     for cell in result.cells:
         x0, y0, x1, y1 = (value * scale for value in cell.box)
@@ -300,6 +359,40 @@ def in_words(probability: float) -> str:
         if probability >= floor:
             return words
     return PROBABILITY_WORDS[-1][1]
+
+
+@bp.app_context_processor
+def offer_probability_bands():
+    return {"probability_bands": probability_bands()}
+
+
+def probability_bands() -> list[tuple[float, float, str]]:
+    """PROBABILITY_WORDS as (from, up to, words), highest first, for the model card's explanation."""
+    tops = [1.0] + [floor for floor, _ in PROBABILITY_WORDS[:-1]]
+    return [(floor, top, words) for (floor, words), top in zip(PROBABILITY_WORDS, tops, strict=True)]
+
+
+@bp.app_template_filter("rounded_percent")
+def rounded_percent(probability: float) -> str:
+    """A probability as a whole percent, never rounded up to a certainty it is not: '>99%' and '<1%' at the ends."""
+    percent = probability * 100
+    if percent >= 99.5 and probability < 1:
+        return ">99%"
+    if 0 < percent < 0.5:
+        return "<1%"
+    return f"{percent:.0f}%"
+
+
+@bp.app_template_filter("cell_type")
+def cell_type(label: str | None) -> str:
+    """A class label as a person writes it: NEUTROPHIL -> Neutrophil (the CSV and the API keep the label)."""
+    return (label or "").replace("_", " ").capitalize()
+
+
+@bp.app_template_global()
+def about_file(filename: str | None, message: str) -> str:
+    """An error message that names its file: 'photo.png: The image is damaged...'."""
+    return f"{shorten(filename)}: {message}" if filename else message
 
 
 def encode_thumbnail(image: Image.Image, max_side: int = THUMBNAIL_MAX_SIDE) -> tuple[str, tuple[int, int]]:

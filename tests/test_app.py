@@ -29,6 +29,7 @@ from app import create_app
 from hematovision.batch import NO_WHITE_CELL_TEXT
 from hematovision.classifier import ModelLoadError
 from hematovision.imaging import prepare_field
+from hematovision.web import GRADCAM_KEY, PROBABILITY_WORDS, in_words, probability_bands, rounded_percent
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MODEL = ROOT / "model" / "blood_cell_model.h5"
@@ -52,15 +53,28 @@ def page_text(response) -> str:
     return html.unescape(response.get_data(as_text=True))
 
 
+def as_label(shown: str) -> str:
+    """A class as the pages write it ("Neutrophil", "Alpha cell") -> the model's label (NEUTROPHIL, ALPHA_CELL)."""
+    return shown.strip().upper().replace(" ", "_")
+
+
 def predicted_label(response) -> str:
-    match = re.search(r"Predicted Class: ([A-Z_]+)", page_text(response))
+    match = re.search(r"Predicted Class: (.+?)(?:</p>| is only its best guess)", page_text(response))
     assert match, "no 'Predicted Class:' on the page"
-    return match.group(1)
+    return as_label(match.group(1))
 
 
 def shown_percentages(response) -> dict[str, float]:
     rows = re.findall(r'<th scope="row">([^<]+)</th>\s*<td class="num">([\d.]+)%</td>', page_text(response))
-    return {label: float(percent) for label, percent in rows}
+    return {as_label(label): float(percent) for label, percent in rows}
+
+
+def assert_no_inline_code(text: str) -> None:
+    """The CSP allows scripts and styles from this site only: the one script is static/app.js, nothing inline."""
+    script = '<script src="/static/app.js" defer></script>'
+    assert re.findall(r"<script[^>]*>.*?</script>", text, re.S) in ([], [script]) and text.count("<script") <= 1
+    assert "style=" not in text and "<style" not in text and "onclick=" not in text
+    assert not re.search(r'(src|href)="(https?:)?//', text)
 
 
 def model_probabilities(app, data: bytes) -> np.ndarray | None:
@@ -118,16 +132,31 @@ def test_home_page_has_welcome_about_and_upload_form(client):
     assert re.search(r"<button[^>]*>Predict</button>", text)
     assert 'role="alert"' not in text
     for label in LABELS:
-        assert label in text  # the classes offered come from the model's metadata
+        assert label.lower() in text  # the classes offered come from the model's metadata
+    # Every answer the app can give is said: a type, "uncertain", or no white cell found; never "will still be placed".
+    about = " ".join(text[text.index("What HematoVision answers"):].split())
+    assert '"uncertain"' in about and "says so and gives no type" in about and "still be placed" not in text
+
+
+def test_the_forms_say_when_they_are_working_and_work_without_script(client):
+    """static/app.js disables the button and says "Classifying..." while a form is sent; the forms are plain HTML
+    forms that post without it."""
+    text = client.get("/").get_data(as_text=True)
+    assert '<script src="/static/app.js" defer></script>' in text
+    forms = re.findall(r"<form[^>]*>", text)
+    assert len(forms) == 2 and all("data-busy-text=" in form and 'method="post"' in form for form in forms)
+    assert text.count('<p class="busy-status" role="status" aria-live="polite" hidden></p>') == 2
+    script = client.get("/static/app.js")
+    body = script.get_data(as_text=True)
+    script.close()
+    assert script.status_code == 200 and "javascript" in script.mimetype
+    assert "Classifying..." in body and "preventDefault" in body and "pageshow" in body
 
 
 def test_pages_use_no_external_resources_or_inline_styles_or_scripts(client, make_image):
     pages = [client.get("/"), upload(client, make_image()), client.get("/nowhere")]
     for response in pages:
-        text = response.get_data(as_text=True)
-        assert "<script" not in text
-        assert "style=" not in text and "<style" not in text
-        assert not re.search(r'(src|href)="(https?:)?//', text)
+        assert_no_inline_code(response.get_data(as_text=True))
 
 
 def test_get_predict_redirects_home(client):
@@ -248,14 +277,17 @@ def test_a_field_with_two_white_cells_boxes_numbers_and_counts_them(tiny_model_p
                       r'<td class="num">([\d.]+)%', text, re.S)
     assert [number for number, _, _ in rows] == ["1", "2"]
     for (_, answer, percent), row in zip(rows, probabilities, strict=True):
-        assert LABELS[int(np.argmax(row))] in answer
+        assert f"<strong>{LABELS[int(np.argmax(row))].capitalize()}</strong>" in answer
         assert float(percent) == pytest.approx(row.max() * 100, abs=0.051)
     assert "Differential count of this image" in text
     counts = re.search(r'<table class="data-table differential">(.*?)</table>', text, re.S).group(1)
-    counted = dict(re.findall(r'<th scope="row">([A-Z]+)</th>\s*<td class="num">(\d+)</td>', counts))
-    assert {label: int(n) for label, n in counted.items() if int(n)} == dict(
+    counted = dict(re.findall(r'<th scope="row">([A-Za-z]+)</th>\s*<td class="num">(\d+)</td>', counts))
+    assert {as_label(label): int(n) for label, n in counted.items() if int(n)} == dict(
         Counter(LABELS[int(np.argmax(row))] for row in probabilities))
-    assert "Over the 2 cells of 2 classified with confidence" in " ".join(text.split())
+    assert "Over the 2 cells of 2 given a type" in " ".join(text.split())
+    summary = re.search(r'<p class="summary">(.*?)</p>', text, re.S).group(1)  # the answer first, in words
+    assert summary == ", ".join(f"{n} {label.lower()}{'' if n == 1 else 's'}" for label, n in sorted(
+        Counter(LABELS[int(np.argmax(row))] for row in probabilities).items())) + "."
     assert text.count("<caption>Cell ") == 2  # every class's probability, cell by cell, folded
 
 
@@ -264,7 +296,8 @@ def test_uncertain_cells_of_a_field_are_marked_with_the_reason(tiny_model_path):
     text = page_text(upload(app.test_client(), TWO_CELLS))
     assert len(re.findall(r'<g class="cell-box cell-box--uncertain"', text)) == 2  # dashed boxes
     assert text.count("<strong>Uncertain</strong>: low confidence") == 2 and "not trusted" in text
-    assert "Over the 0 cells of 2 classified with confidence" in " ".join(text.split())
+    assert "Over the 0 cells of 2 given a type" in " ".join(text.split())
+    assert '<p class="summary">2 uncertain.</p>' in text
     assert '<table class="data-table differential">' not in text
 
 
@@ -272,10 +305,16 @@ def test_one_white_cell_reads_like_a_single_answer_with_its_box(tiny_model_path)
     app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": 0.0})
     response = upload(app.test_client(), ONE_CELL)
     text = page_text(response)
-    details = text[text.index('class="card result__details"'):]
-    assert re.match(r'[^<]*>\s*<h2[^>]*>Answer</h2>\s*<p class="predicted">Predicted Class: [A-Z]+</p>', details)
+    answer = text[text.index('class="card result__answer"'):]
+    assert re.match(r'[^<]*>\s*<h2[^>]*>Answer</h2>\s*<p class="predicted">Predicted Class: [A-Z][a-z]+</p>', answer)
     expected = model_probabilities(app, ONE_CELL)
     assert predicted_label(response) == LABELS[int(np.argmax(expected))]
+    words = re.search(r'<p class="confidence"><span class="words words--[a-z-]+">([A-Za-z ]+)</span>\s*\((\d+)%\)',
+                      answer)
+    assert words, "the probability is said in words, with its percent"
+    assert words.group(1).lower() == in_words(float(expected.max()))
+    # The answer comes before the picture, the details after it.
+    assert text.index("result__answer") < text.index("result__figure") < text.index("result__details")
     assert "One white blood cell found in the image; it is boxed." in text
     ((x0, y0, x1, y1),) = [cell.box for cell in prepare_field(ONE_CELL).cells]
     assert drawn_boxes(text) == {1: pytest.approx((x0 * 1.4, y0 * 1.4, (x1 - x0) * 1.4, (y1 - y0) * 1.4), abs=0.1)}
@@ -291,8 +330,8 @@ def test_no_white_cell_is_said_in_words_without_a_class(client, colour):
     text = page_text(response)
     assert "No white blood cell found in this image." in text
     assert "Predicted Class" not in text and "cell-box" not in text
-    details = text[text.index('class="card result__details"'):]
-    assert not any(label in details for label in LABELS)  # never a made-up class
+    answer = text[text.index('class="card result__answer"'):]
+    assert not any(label in answer or label.capitalize() in answer for label in LABELS)  # never a made-up class
     assert re.search(r'<img class="result__image" src="data:image/jpeg;base64,', text)  # the image is still shown
 
 
@@ -323,6 +362,12 @@ BAD_UPLOADS = {
     "truncated-jpeg": (lambda make: make("JPEG")[:2000], 400, "damaged or incomplete"),
     "too-many-pixels": (lambda make: png_header_only(9000, 9000), 413, "too many pixels"),
 }
+
+
+def test_an_upload_error_names_the_file(client, make_image):
+    assert_home_with_error(upload(client, make_image("JPEG")[:2000], filename="photo.jpg"), 400,
+                           "photo.jpg: The image is damaged or incomplete")
+    assert_home_with_error(upload(client, b"text", filename="notes.txt"), 415, "notes.txt: This file is not an image")
 
 
 def test_missing_file_field_is_refused(client):
@@ -571,3 +616,58 @@ def test_real_model_classifies_most_sample_images_correctly():
         else:
             wrong.append(f"{path.relative_to(SAMPLES)} -> {predicted_label(response)}")
     assert correct >= 0.75 * len(samples), f"{correct}/{len(samples)} correct; wrong: {wrong}"
+
+
+# --- a lab's words -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("probability", "words"), [
+    (1.0, "almost certain"), (0.95, "almost certain"), (0.9499, "likely"), (0.80, "likely"), (0.7999, "possible"),
+    (0.60, "possible"), (0.5999, "unsure"), (0.37, "unsure"), (0.0, "unsure"),
+])
+def test_a_calibrated_probability_is_said_in_fixed_bands(probability, words):
+    assert in_words(probability) == words
+
+
+def test_the_bands_are_set_in_one_place_and_explained_on_the_model_card(client):
+    assert [words for _, words in PROBABILITY_WORDS] == ["almost certain", "likely", "possible", "unsure"]
+    assert probability_bands() == [(0.95, 1.0, "almost certain"), (0.80, 0.95, "likely"), (0.60, 0.80, "possible"),
+                                   (0.0, 0.60, "unsure")]
+    text = " ".join(page_text(client.get("/model")).split())
+    for row in ("Almost certain</th> <td>95% or more", "Likely</th> <td>80% to 95%", "Possible</th> <td>60% to 80%",
+                "Unsure</th> <td>under 60%"):
+        assert row in text
+
+
+@pytest.mark.parametrize(("probability", "shown"), [(0.996, ">99%"), (1.0, "100%"), (0.874, "87%"), (0.004, "<1%"),
+                                                    (0.0, "0%")])
+def test_a_percent_in_words_is_never_rounded_up_to_a_certainty(probability, shown):
+    assert rounded_percent(probability) == shown
+
+
+# --- the first heatmap -----------------------------------------------------------------------------------
+
+
+def preparing_threads() -> list:
+    import threading
+
+    return [thread for thread in threading.enumerate() if thread.name == "prepare-heatmap"]
+
+
+def test_the_heatmap_is_prepared_in_the_background_after_the_first_page(tiny_model_path):
+    """Keras is loaded and the heatmap traced in a daemon thread, once the first page is answered: create_app and the
+    first page do not wait for it, and the first heatmap asked for then costs no more than the others."""
+    before = set(preparing_threads())
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "PREPARE_HEATMAP_IN_BACKGROUND": True})
+    (thread,) = set(preparing_threads()) - before
+    assert thread.daemon and GRADCAM_KEY not in app.extensions  # still waiting for the first page
+    assert app.test_client().get("/").status_code == 200
+    thread.join(timeout=300)
+    assert not thread.is_alive() and GRADCAM_KEY in app.extensions
+
+
+def test_the_tests_do_not_prepare_the_heatmap_unless_asked(tiny_model_path):
+    before = set(preparing_threads())
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path)})
+    assert set(preparing_threads()) == before and GRADCAM_KEY not in app.extensions
+    assert app.config["PREPARE_HEATMAP_IN_BACKGROUND"] is None  # the default: prepare unless TESTING

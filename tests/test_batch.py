@@ -170,7 +170,8 @@ def test_several_files_give_the_batch_page(tiny_model_path):
     text = page_text(response)
     assert "Batch Result" in text and "Differential count" in text
     lead = " ".join(re.search(r'<p class="lead">(.*?)</p>', text, re.S).group(1).split())
-    assert lead == "3 images read, 3 white cells found and classified, 1 image without a white cell, 1 file refused."
+    assert lead == ("3 images read, 3 white cells found and classified, 1 image without a white cell, 1 file could "
+                    "not be read.")
     assert len(re.findall(r'<img class="batch-table__thumb" src="data:image/jpeg;base64,', text)) == 3
     classifier = app.extensions["hematovision"]
     for name, data in (("two.jpg", TWO_CELLS), ("one.jpg", ONE_CELL)):
@@ -179,13 +180,14 @@ def test_several_files_give_the_batch_page(tiny_model_path):
         order = sorted(range(len(prepared.cells)), key=lambda i: prepared.cells[i].centre[0])  # side by side
         labels = [LABELS[int(np.argmax(p))] for p in classifier.predict(prepared.crops[order])]
         shown = re.findall(r'<span class="cell-number">(\d+)</span>\s*<span class="cell-list__label">(\w+)</span>', row)
-        assert shown == [(str(i + 1), label) for i, label in enumerate(labels)]
+        assert shown == [(str(i + 1), label.capitalize()) for i, label in enumerate(labels)]
     # Each thumbnail carries its numbered boxes.
     assert len(re.findall(r'<g class="cell-box[^"]*">', text)) == 3
     assert re.search(r'<td class="batch-table__file">white.png</td>\s*<td>\s*No white blood cell found', text)
-    counts = [int(n) for n in re.findall(r'<th scope="row">[A-Z]+</th>\s*<td class="num">(\d+)</td>', text)]
+    counts = [int(n) for n in re.findall(r'<th scope="row">[A-Z][a-z]+</th>\s*<td class="num">(\d+)</td>', text)]
     assert sum(counts) == 3  # the differential counts cells, not images
-    assert "Refused (1)" in text and "junk.txt" in text
+    # A file that could not be read is named with its reason.
+    assert "Could not be read (1)" in text and "<li>junk.txt: This file is not an image we can read." in text
     assert "No white blood cell found (1)" in text
     for reference in ("40–60%", "20–40%", "2–8%", "1–4%"):
         assert reference in text
@@ -215,15 +217,26 @@ def test_uncertain_cells_are_listed_apart_and_not_counted(tiny_model_path, thres
     if counted:
         assert "Uncertain cells (" not in text
     else:
-        assert "Uncertain cells (3)" in text and "No white cell was classified with confidence" in text
+        assert "Uncertain cells (3)" in text and "No white cell was given a type" in text
         assert "a.jpg, cell 2: low confidence" in text
 
 
-def test_outside_ranges_are_marked_in_words(tiny_model_path):
+def test_a_few_cells_are_not_compared_with_the_reference_ranges(tiny_model_path):
     app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": 0.0})
-    # Three cells cannot put every class within its range (the four lower bounds alone need 63%, and one class
-    # has none), so something is marked, in words and not only in colour.
-    text = page_text(post_files(app.test_client(), [("a.jpg", TWO_CELLS), ("b.jpg", ONE_CELL)]))
+    # Three cells cannot put every class within its range, but three cells say nothing about ranges.
+    text = " ".join(page_text(post_files(app.test_client(), [("a.jpg", TWO_CELLS), ("b.jpg", ONE_CELL)])).split())
+    assert "Too few cells to compare with the reference ranges:</strong> 3 counted, at least 50 needed." in text
+    assert "is-outside" not in text and "Below range" not in text and "Above range" not in text
+    assert "Adult range" in text and "40–60%" in text  # the ranges are still there to read
+
+
+def test_fifty_cells_are_compared_and_outside_ranges_are_marked_in_words(tiny_model_path):
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": 0.0,
+                      "MAX_BATCH_FILES": 25})
+    text = page_text(post_files(app.test_client(), [(f"{i}.jpg", TWO_CELLS) for i in range(25)]))
+    assert "Over the 50 white cells given a type" in " ".join(text.split()) and "Too few cells" not in text
+    # One field's two cells, fifty times over, cannot put every class within its range: something is marked, in
+    # words and not only in colour.
     marked = re.findall(r'<tr class="is-outside">.*?<strong>(Below|Above) range</strong>', text, re.S)
     assert marked
 

@@ -6,10 +6,12 @@ the system browser is used). Skips, with the reason, when either is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from hematovision.imaging import prepare_field
 
 LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 FIELDS = Path(__file__).resolve().parent / "data" / "fields"
+SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
 LAUNCH_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -51,16 +54,25 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def live_app(tiny_model_path):
-    """The app on 127.0.0.1 at a free port, in a thread; the threshold 0 counts every image in a batch."""
-    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": 0.0})
+@contextlib.contextmanager
+def serving(app):
+    """The app on 127.0.0.1 at a free port, in a thread: yields its base URL."""
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield app, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_app(tiny_model_path):
+    """The app served in a thread; the threshold 0 counts every image in a batch."""
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": 0.0})
+    with serving(app) as base:
+        yield app, base
 
 
 @pytest.fixture
@@ -91,13 +103,17 @@ def test_upload_one_image_and_read_the_result(live_app, page, make_image):
     page.wait_for_url(base + "/predict")
     assert page.locator("h1").inner_text() == "Prediction Result"
     predicted = re.search(r"Predicted Class: (\w+)", page.locator(".predicted").inner_text()).group(1)
-    assert predicted == expected_label(app, data)
+    assert predicted.upper() == expected_label(app, data)
 
-    # The no-script toggle: the heatmap is hidden until its radio button is chosen.
-    heatmap = page.locator(".result__image--heatmap")
-    assert not heatmap.is_visible() and page.locator(".result__image").first.is_visible()
-    page.get_by_text("Where the model looked").click()
+    # The heatmap was asked for: the page opens on it, with its colour scale; the no-script toggle shows the image.
+    heatmap, legend = page.locator(".result__image--heatmap"), page.locator(".heat-legend")
     assert heatmap.is_visible() and not page.locator(".result__image").first.is_visible()
+    assert legend.is_visible() and legend.locator(".heat-legend__bar").bounding_box()["width"] > 100
+    assert legend.locator(".heat-legend__scale").inner_text().split() == ["less", "more"]
+    page.get_by_text("Image", exact=True).click()
+    assert not heatmap.is_visible() and page.locator(".result__image").first.is_visible() and not legend.is_visible()
+    page.get_by_text("Where the model looked").click()
+    assert heatmap.is_visible()
 
 
 def test_upload_a_batch_and_read_the_table(live_app, page, make_image, tmp_path):
@@ -120,7 +136,7 @@ def test_upload_a_batch_and_read_the_table(live_app, page, make_image, tmp_path)
     for i, (name, data) in enumerate(images.items()):
         cells = rows.nth(i).locator("td").all_inner_texts()
         assert cells[1] == name
-        assert rows.nth(i).locator(".cell-list__label").all_inner_texts() == [expected_label(app, data)]
+        assert rows.nth(i).locator(".cell-list__label").all_inner_texts() == [expected_label(app, data).capitalize()]
         assert rows.nth(i).locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
         assert rows.nth(i).locator(".cell-box").count() == 1  # its white cell, boxed on the thumbnail
     counts = page.locator(".differential tbody tr td:nth-child(2)").all_inner_texts()
@@ -182,8 +198,109 @@ def test_a_field_shows_each_white_cell_boxed_and_numbered(live_app, browser, wid
     labels = [LABELS[int(np.argmax(p))] for p in app.extensions["hematovision"].predict(crops)]
     for i, label in enumerate(labels):
         assert rows.nth(i).locator(".cell-number").inner_text() == str(i + 1)
-        assert label in rows.nth(i).inner_text()
+        assert label.capitalize() in rows.nth(i).inner_text()
     assert page.locator(".differential").is_visible()
     assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing hides off to the side
     context.close()
     assert problems == []
+
+
+# --- every page at a phone's and a desktop's width --------------------------------------------------------------
+
+
+@pytest.fixture
+def realistic_app(tiny_model_path, tmp_path):
+    """The tiny model with the metadata, figures and leave-one-lab-out table of a model trained on three labs."""
+    from tests.test_pages import LEAVE_ONE_LAB_OUT, realistic_metadata, write_model
+
+    model = write_model(tiny_model_path, tmp_path / "model", realistic_metadata(), LEAVE_ONE_LAB_OUT)
+    app = create_app({"TESTING": True, "MODEL_PATH": str(model)})
+    with serving(app) as base:
+        yield app, base
+
+
+def submit(page, base: str, files, explain: bool = False) -> None:
+    page.goto(base + "/")
+    page.set_input_files("#file", files=files)
+    if explain:
+        page.get_by_label("Also show where the model looked").check()
+    page.get_by_role("button", name="Predict", exact=True).click()
+    page.wait_for_url(base + "/predict")
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+def test_every_page_fits_the_screen_with_no_console_error(realistic_app, browser, width):
+    """The home page, a one-image result (with its heatmap), an 8-image batch result and the model card: none wider
+    than a 390 px phone, none with a console error (a CSP violation included), every picture loaded."""
+    _app, base = realistic_app
+    batch = sorted(SAMPLES.glob("*/*.jpeg"))[:8]
+    assert len(batch) == 8
+    context = browser.new_context(viewport={"width": width, "height": 844})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    field = next(FIELDS.glob("*00001*.jpg"))
+    visits = {
+        "home": lambda: page.goto(base + "/"),
+        "one image": lambda: submit(page, base, [str(field)], explain=True),
+        "batch of 8": lambda: submit(page, base, [str(path) for path in batch]),
+        "model card": lambda: page.goto(base + "/model"),
+    }
+    widths = {}
+    for name, visit in visits.items():
+        visit()
+        page.wait_for_load_state("load")
+        widths[name] = page.evaluate("document.documentElement.scrollWidth")
+        broken = page.evaluate("[...document.images].filter(img => !(img.complete && img.naturalWidth > 0)).length")
+        assert broken == 0, f"{name}: {broken} image(s) not shown"
+        if name == "batch of 8":
+            assert page.locator(".batch-table tbody tr").count() == 8
+            thumb = page.locator(".batch-table__thumb").first.bounding_box()["width"]
+            assert thumb >= (300 if width == 390 else 190)  # large enough to see the cell: the card's width on a phone
+    context.close()
+    assert widths == {name: min(widths[name], width) for name in widths}, f"wider than {width} px: {widths}"
+    assert problems == []
+
+
+def test_predict_says_it_is_working_and_is_sent_once(live_app, page, make_image):
+    app, base = live_app
+    app.before_request(slow_posts)  # time to see the busy state, and to press again
+    posts: list[str] = []
+    page.on("request", lambda request: request.method == "POST" and posts.append(request.url))
+    page.goto(base + "/")
+    page.set_input_files("#file", files=[{"name": "cell.png", "mimeType": "image/png", "buffer": make_image()}])
+    # Just after the press, note what the form shows, then press again (Enter, or a double click, would).
+    page.evaluate("""() => document.addEventListener("submit", () => setTimeout(() => {
+        const button = document.querySelector("form button[type=submit]");
+        const status = document.querySelector(".busy-status");
+        sessionStorage.setItem("seen", JSON.stringify(
+            {text: button.textContent, disabled: button.disabled, status: status.textContent, shown: !status.hidden}));
+        document.querySelector("form").requestSubmit();
+    }, 50), {once: true})""")
+    page.get_by_role("button", name="Predict", exact=True).click()
+    page.wait_for_url(base + "/predict")
+    assert page.locator("h1").inner_text() == "Prediction Result"
+    seen = page.evaluate("JSON.parse(sessionStorage.getItem('seen'))")
+    assert seen == {"text": "Classifying...", "disabled": True, "status": "Classifying... this takes a few seconds.",
+                    "shown": True}
+    assert posts == [base + "/predict"]  # sent once
+    page.go_back()  # back on the form: ready for the next image
+    page.wait_for_url(base + "/")
+    assert page.get_by_role("button", name="Predict", exact=True).is_enabled()
+
+
+def slow_posts() -> None:
+    from flask import request
+
+    if request.method == "POST":
+        time.sleep(1.0)
+
+
+def test_the_form_works_without_javascript(live_app, browser, make_image):
+    _app, base = live_app
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    submit(page, base, [{"name": "cell.png", "mimeType": "image/png", "buffer": make_image()}])
+    assert page.locator("h1").inner_text() == "Prediction Result"
+    context.close()

@@ -194,8 +194,9 @@ def test_peak_and_overlay_follow_the_image_size():
 
 def test_result_page_offers_the_heatmap_with_a_scriptless_toggle(client, make_image):
     text = html.unescape(post_files(client, [("cell.png", make_image())]).get_data(as_text=True))
-    assert re.search(r'<input class="view-toggle__input" type="radio" name="view" id="view-image" checked>', text)
-    assert re.search(r'<label class="view-toggle__label" for="view-heatmap">', text)
+    # The heatmap was asked for: the page opens on it; the plain image is one click away.
+    assert re.search(r'<input class="view-toggle__input" type="radio" name="view" id="view-heatmap" checked>', text)
+    assert re.search(r'<label class="view-toggle__label" for="view-image">', text)
     heatmap = re.search(r'<img class="result__image result__image--heatmap" src="data:image/jpeg;base64,([^"]+)"', text)
     assert heatmap
     original = re.search(r'<img class="result__image" src="data:image/jpeg;base64,([^"]+)"', text)
