@@ -671,3 +671,12 @@ def test_the_tests_do_not_prepare_the_heatmap_unless_asked(tiny_model_path):
     app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path)})
     assert set(preparing_threads()) == before and GRADCAM_KEY not in app.extensions
     assert app.config["PREPARE_HEATMAP_IN_BACKGROUND"] is None  # the default: prepare unless TESTING
+
+
+def test_one_uncertain_cell_gets_no_type_and_its_best_guess_is_said_to_be_one(tiny_model_path):
+    app = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path), "UNCERTAIN_BELOW": 1.01})
+    response = upload(app.test_client(), ONE_CELL)
+    text = page_text(response)
+    assert '<p class="predicted predicted--uncertain">Answer: Uncertain, no cell type given</p>' in text
+    assert "Why: low confidence." in text and "is only its best guess" in text and "identify this cell by eye" in text
+    assert predicted_label(response) == LABELS[int(np.argmax(model_probabilities(app, ONE_CELL)))]
