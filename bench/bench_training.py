@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from bench._common import RESULTS, SAMPLES
+from _common import RESULTS, SAMPLES  # bench/: the script's own folder
 
 CONFIGS = [  # (size, first trained layer, dtype policy)
     (224, "", "float32"),
