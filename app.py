@@ -48,6 +48,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         INFERENCE_POOL_SIZE=2,  # TFLite interpreters shared by the server's threads
         INFERENCE_THREADS=0,  # CPU threads per TFLite interpreter; 0: one per core
         MAX_BATCH_FILES=batch.DEFAULT_MAX_BATCH_FILES,  # files per request, on the page and the API
+        MAX_CELLS_PER_IMAGE=batch.MAX_CELLS_PER_IMAGE,  # white cells classified per image, those nearest the centre
         # A top (calibrated) probability under this is answered "uncertain"; None: the model's fitted threshold.
         UNCERTAIN_BELOW=batch.DEFAULT_UNCERTAIN_BELOW,
         # Shifted copies per axis behind each Grad-CAM heatmap (hematovision/gradcam.py): 1 = the plain 7x7 map.
