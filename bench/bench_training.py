@@ -16,7 +16,6 @@ import sys
 import time
 
 import numpy as np
-
 from _common import RESULTS, SAMPLES  # bench/: the script's own folder
 
 CONFIGS = [  # (size, first trained layer, dtype policy)

@@ -228,7 +228,8 @@ def test_model_card_reads_like_a_model_card(realistic_model):
     for name in ("Kaggle TEST", "PBC test", "LISC test"):
         assert f'<th scope="row">{name}' in text
     assert "91.2%" in text and "96.9%" in text and "93.2%" in text  # right, answered, right when answered
-    assert 'LISC test also holds 11 basophils, a type the model does not know: 7 were answered "uncertain" and 4' in text
+    assert ('LISC test also holds 11 basophils, a type the model does not know: 7 were answered "uncertain" and 4'
+            in text)
     assert 'of 11 basophils in the LISC test, 7 were answered "uncertain"' in text  # and the limitations say so
     assert '<th scope="row">Kaggle</th> <td class="num"><strong>51.2%</strong>' in text  # leave-one-lab-out
     # Settings, command, history and versions are folded, and no raw settings string is shown.
