@@ -53,8 +53,8 @@ from training.splits import DataError
 
 DEFAULTS = {
     "base": config.SHIPPED_MODEL,
-    "stats_mix": 0.5,
-    "head_l2": 1e-4,
+    "stats_mix": 0.75,
+    "head_l2": 1e-5,
     "views": 8,
     "min_per_class": 2,
     "min_unlabelled": 4,
