@@ -9,8 +9,9 @@ one cell never fall on two sides. An adaptation gets k cells per class, one crop
 
 1. choose (LISC train -> validation): k cells per class drawn from the train cells, accuracy on all crops of the
    validation cells, for every setting of the grid (share of the lab's batch-norm statistics x L2 pull of the
-   refitted classifier towards the base's, with "statistics only" and "classifier only" among them), k = 1, 5, 20,
-   --seeds draws each. The setting with the best mean validation accuracy is chosen. The test cells are not read.
+   refitted classifier towards the base's x test-time views served; "statistics only" and "classifier only"
+   (mix 0) among them), k = 1, 5, 20, --seeds draws each. The setting with the best mean validation accuracy is
+   chosen. The test cells are not read.
 2. test (LISC train + validation -> test): the chosen setting, k cells per class drawn from the train and
    validation cells, accuracy on all crops of the test cells (a crop where no white cell is found counts as
    wrong); k = 0 is the base model as it is. k = 1 calls training.adapt.adapt() itself: the command wants at least
@@ -21,8 +22,15 @@ one cell never fall on two sides. An adaptation gets k cells per class, one crop
    cell found) of LISC's test basophils (a type the model does not know) and, with --noncell-dir
    (training/experiments/make_noncell_set.py), of images that are not white cells, beside the base's own.
 
-Writes training/experiments/results/adaptation.json (--json). --threads limits TensorFlow's CPU threads here (the
-timed command of step 3 runs with --command-cores CPU cores, all by default).
+Writes training/experiments/results/adaptation.json (--json). A second lab, with the setting chosen on LISC
+(--skip-choose: adapt.py's defaults), and the model that never saw PBC:
+
+    python training/experiments/measure_adaptation.py --lab pbc --skip-choose --ks 1,5,20 --seeds 2 \
+        --command-ks 5 --base /tmp/hv/lolo_pbc/blood_cell_model.h5 \
+        --json training/experiments/results/adaptation_pbc.json
+
+PBC's split is the committed one (training/splits/pbc_split.csv), each image its own "cell". --threads limits
+TensorFlow's CPU threads here; the timed command of step 3 runs on --command-cores CPU cores (all by default).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hematovision.fast_runtime import sha256_of
 from training import config, splits
 from training.cropsets import load_crops
 from training.metrics import wilson_interval
@@ -51,8 +60,9 @@ DEFAULTS = {
     "json": ROOT / "training" / "experiments" / "results" / "adaptation.json",
     "ks": "1,5,20",
     "seeds": 3,
-    "mixes": "0,0.25,0.5,0.75,1",
-    "l2s": "1e-5,3e-5,1e-4,3e-4,1e-3",
+    "mixes": "0,0.5,0.75,1",
+    "l2s": "1e-6,1e-5,1e-4,1e-3",
+    "served_views": "1,8",
     "command_ks": "5,20",
 }
 
@@ -60,18 +70,22 @@ DEFAULTS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, default=DEFAULTS["base"], help="a model that never saw LISC")
-    p.add_argument("--data-root", type=Path, default=DEFAULTS["data_root"], help="holds lisc-crops/")
+    p.add_argument("--data-root", type=Path, default=DEFAULTS["data_root"], help="holds lisc-crops/ (pbc-4class/)")
+    p.add_argument("--lab", choices=("lisc", "pbc"), default="lisc",
+                   help="the lab adapted to (the base model must never have seen it)")
     p.add_argument("--json", type=Path, default=DEFAULTS["json"])
     p.add_argument("--ks", default=DEFAULTS["ks"], help="labelled cells per class")
     p.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="draws of the cells for each k")
     p.add_argument("--mixes", default=DEFAULTS["mixes"], help="grid: share of the lab's batch-norm statistics")
     p.add_argument("--l2s", default=DEFAULTS["l2s"], help="grid: L2 pull of the refitted classifier")
+    p.add_argument("--served-views", default=DEFAULTS["served_views"],
+                   help="grid: test-time views the adapted model is served with (its metadata's test_time_views)")
     p.add_argument("--command-ks", default=DEFAULTS["command_ks"], help="images per class of the timed commands")
     p.add_argument("--command-cores", type=int, default=0, help="CPU cores of the timed command (0: all)")
     p.add_argument("--noncell-dir", type=Path, help="make_noncell_set.py's folder: non-cells left unanswered")
     p.add_argument("--threads", type=int, default=0, help="TensorFlow CPU threads here (0: all)")
     p.add_argument("--skip-choose", action="store_true",
-                   help="take the setting from training/adapt.py's defaults instead of choosing it")
+                   help="measure training/adapt.py's defaults instead of choosing a setting on this lab")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "hv_adapt_cache")
     return p.parse_args(argv)
 
@@ -114,19 +128,32 @@ class Base:
         return self.model
 
 
-def choose(base: Base, train, validation, ks, seeds, mixes, l2s) -> dict:
-    """Validation accuracy of every setting of the grid; the setting with the best mean."""
+def served_probabilities(runner, crops: np.ndarray, head, views: int) -> np.ndarray:
+    """The app's probabilities for these crops with `head`: the mean over their first `views` views."""
+    from hematovision.classifier import symmetric_views
+    from training.adapt import softmax_of
+
+    return np.mean([softmax_of(runner(view)[1], head) for view in symmetric_views(crops, views)], axis=0)
+
+
+def choose(base: Base, train, validation, ks, seeds, mixes, l2s, views_served) -> dict:
+    """Validation accuracy of every setting of the grid; the setting with the best mean over k and draws."""
+    from hematovision.classifier import symmetric_views
     from training import adapt
 
     scores: dict[str, list[float]] = {}
     by_k: dict[str, dict[int, list[float]]] = {}
+    settings: dict[str, dict] = {}
 
-    def record(name: str, k: int, value: float) -> None:
+    def record(name: str, k: int, value: float, setting: dict | None = None) -> None:
         scores.setdefault(name, []).append(value)
         by_k.setdefault(name, {}).setdefault(k, []).append(value)
+        if setting:
+            settings[name] = setting
 
     base.fresh()
     base_probabilities, _ = base.runner(validation.crops)
+    most = max(views_served)
     for k in ks:
         for seed in range(seeds):
             chosen = draw(train, k, seed)
@@ -134,31 +161,37 @@ def choose(base: Base, train, validation, ks, seeds, mixes, l2s) -> dict:
                 model = base.fresh()
                 adaptation = adapt.adapt(model, train.crops[chosen], train.targets[chosen], stats_mix=mix,
                                          head_l2=l2s[0], runner=base.runner, progress=False)
-                _, features = base.runner(validation.crops)
+                features = [base.runner(view)[1] for view in symmetric_views(validation.crops, most)]
                 if mix:
                     record(f"statistics only, mix {mix:g}", k,
-                           accuracy(validation, adapt.softmax_of(features, adaptation.base_head)))
+                           accuracy(validation, adapt.softmax_of(features[0], adaptation.base_head)))
                 flat = adaptation.features.reshape(-1, adaptation.features.shape[-1])
                 for l2 in l2s:
                     head = adapt.fit_head(flat, np.repeat(adaptation.targets, adaptation.features.shape[1]),
                                           adaptation.base_head, l2)
-                    record(f"mix {mix:g}, l2 {l2:g}", k, accuracy(validation, adapt.softmax_of(features, head)))
+                    for views in views_served:
+                        probabilities = np.mean([adapt.softmax_of(f, head) for f in features[:views]], axis=0)
+                        record(f"mix {mix:g}, l2 {l2:g}, served views {views}", k,
+                               accuracy(validation, probabilities),
+                               {"stats_mix": mix, "head_l2": l2, "test_time_views": views})
             record("base", k, accuracy(validation, base_probabilities))
             print(f"  choose: k={k} seed={seed}: best so far "
-                  f"{max(scores, key=lambda n: np.mean(scores[n]))}", flush=True)
-    best = max((n for n in scores if n.startswith("mix")), key=lambda n: np.mean(scores[n]))
-    mix, l2 = (float(part.split()[-1]) for part in best.split(", "))
+                  f"{max(settings, key=lambda n: np.mean(scores[n]))}", flush=True)
+    best = max(settings, key=lambda n: np.mean(scores[n]))
     return {
-        "data": "adapt on k cells per class of LISC's train cells, measured on all crops of its validation cells",
-        "chosen": {"name": best, "stats_mix": mix, "head_l2": l2},
+        "data": "adapt on k cells per class of the lab's train cells, measured on all crops of its validation cells",
+        "grid": {"stats_mix": mixes, "head_l2": l2s, "test_time_views": views_served,
+                 "note": "'statistics only': the base's classifier on the adapted statistics, one view"},
+        "chosen": {"name": best, **settings[best]},
         "settings": {name: {"mean": float(np.mean(v)),
                             "by_k": {str(k): summary(x) for k, x in by_k[name].items()}}
                      for name, v in sorted(scores.items(), key=lambda item: -np.mean(item[1]))},
     }
 
 
-def test(base: Base, pool, test_set, ks, seeds, mix: float, l2: float) -> dict:
-    """Test accuracy of the chosen setting for each k (0: the base model), and the seconds of each adaptation."""
+def test(base: Base, pool, test_set, ks, seeds, setting: dict) -> dict:
+    """Test accuracy of the chosen setting for each k (0: the base model as it is served), and the seconds of
+    each adaptation (statistics, features of the views, classifier; not reading files nor writing the model)."""
     from training import adapt
 
     results = {}
@@ -171,10 +204,12 @@ def test(base: Base, pool, test_set, ks, seeds, mix: float, l2: float) -> dict:
             chosen = draw(pool, k, 100 + seed)
             model = base.fresh()
             started = time.perf_counter()
-            adapt.adapt(model, pool.crops[chosen], pool.targets[chosen], stats_mix=mix, head_l2=l2,
-                        runner=base.runner, progress=False)
+            adaptation = adapt.adapt(model, pool.crops[chosen], pool.targets[chosen],
+                                     stats_mix=setting["stats_mix"], head_l2=setting["head_l2"],
+                                     runner=base.runner, progress=False)
             seconds.append(time.perf_counter() - started)
-            probabilities, _ = base.runner(test_set.crops)
+            probabilities = served_probabilities(base.runner, test_set.crops, adaptation.head,
+                                                 setting["test_time_views"])
             values.append(accuracy(test_set, probabilities))
             print(f"  test: k={k} seed={seed}: {values[-1]:.3f} ({seconds[-1]:.0f} s)", flush=True)
         results[str(k)] = {"accuracy": summary(values), "seconds": summary(seconds)}
@@ -199,12 +234,14 @@ def served(classifier, test_set, others: dict) -> dict:
     return {"test": result, **{f"unanswered_{name}": unanswered(classifier, crops) for name, crops in others.items()}}
 
 
-def command(base_path: Path, pool, test_set, others: dict, k: int, cores: int, workdir: Path) -> dict:
-    """training/adapt.py in its own process on k LISC files per class, timed; its model served on the test set."""
+def command(base_path: Path, pool, test_set, others: dict, k: int, setting: dict, cores: int,
+            workdir: Path) -> dict:
+    """training/adapt.py in its own process on k of the lab's files per class, timed; its model served on the
+    test set through load_classifier (TFLite, calibration, "uncertain" rule)."""
     from hematovision.classifier import load_classifier
 
     chosen = draw(pool, k, 7)
-    data = workdir / f"lisc_{k}"
+    data = workdir / f"lab_{k}"
     for i in chosen:
         path = pool.rows.paths[np.flatnonzero(pool.found)[i]]
         folder = data / config.LABELS[pool.targets[i]].lower()
@@ -212,12 +249,13 @@ def command(base_path: Path, pool, test_set, others: dict, k: int, cores: int, w
         shutil.copy(path, folder / path.name)
     out = workdir / f"adapted_{k}" / "model.h5"
     line = [sys.executable, str(ROOT / "training" / "adapt.py"), "--data-dir", str(data), "--out", str(out),
-            "--base", str(base_path)]
+            "--base", str(base_path), "--stats-mix", str(setting["stats_mix"]), "--head-l2", str(setting["head_l2"]),
+            "--test-time-views", str(setting["test_time_views"])]
     if cores:
         line = ["taskset", "-c", ",".join(str(c) for c in range(cores))] + line
     started = time.perf_counter()
-    done = subprocess.run(line, cwd=ROOT, capture_output=True, text=True, env={**os.environ,
-                                                                               "TF_CPP_MIN_LOG_LEVEL": "2"})
+    done = subprocess.run(line, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     seconds = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"adapt.py failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -231,12 +269,22 @@ def command(base_path: Path, pool, test_set, others: dict, k: int, cores: int, w
             "leave_one_out": {key: figures[key] for key in ("n", "accuracy", "accuracy_ci95")}}
 
 
+def lab_sets(args) -> dict:
+    """train / validation / test CropSets of the lab (LISC: by cell; PBC: the committed split)."""
+    return {split: load_crops(splits.lab_rows(args.lab, args.data_root, config.LABELS, split),
+                              workers=args.threads or None, cache_dir=args.cache_dir, desc=f"{args.lab} {split}")
+            for split in ("train", "validation", "test")}
+
+
 def abstention_sets(args) -> dict:
-    """LISC's test basophils, and the non-cell images when --noncell-dir is given, as CropSets."""
+    """LISC's test basophils (a type the model does not know), and the non-cell images when --noncell-dir is
+    given, as CropSets."""
     import csv
 
-    lisc = splits.lisc(args.data_root, config.LABELS, "test", include_unknown=True)
-    others = {"lisc_basophils_test": lisc.subset([i for i, t in enumerate(lisc.targets) if t < 0])}
+    others = {}
+    if (args.data_root / config.LISC).is_dir():
+        lisc = splits.lisc(args.data_root, config.LABELS, "test", include_unknown=True)
+        others["lisc_basophils_test"] = lisc.subset([i for i, t in enumerate(lisc.targets) if t < 0])
     if args.noncell_dir:
         rows = splits.Rows("noncell")
         with open(args.noncell_dir / "manifest.csv", newline="") as f:
@@ -258,55 +306,59 @@ def main(argv=None) -> int:
 
     started = time.time()
     ks = [int(k) for k in args.ks.split(",")]
-    sets = {split: load_crops(splits.lisc(args.data_root, config.LABELS, split), workers=args.threads or None,
-                              cache_dir=args.cache_dir, desc=f"LISC {split}")
-            for split in ("train", "validation", "test")}
+    sets = lab_sets(args)
     for split, crops in sets.items():
-        print(f"LISC {split}: {len(crops.rows)} crops of {len(set(crops.rows.groups))} cells, white cell found in "
-              f"{int(crops.found.sum())}", flush=True)
+        print(f"{args.lab} {split}: {len(crops.rows)} files of {len(set(crops.rows.groups))} cells, white cell found "
+              f"in {int(crops.found.sum())}", flush=True)
     base = Base(args.base)
+    base_metadata = json.loads(args.base.with_suffix(".json").read_text())
     result = {
         "command": "python training/experiments/measure_adaptation.py " + " ".join(
             config.display_path(w) if os.path.isabs(w) else w for w in (sys.argv[1:] if argv is None else argv)),
+        "lab": args.lab,
         "base_model": config.display_path(args.base),
-        "base_held_out_lab": (json.loads(args.base.with_suffix(".json").read_text()).get("training") or {}).get(
-            "held_out_lab"),
-        "lisc_cells": {split: len(set(c.rows.groups)) for split, c in sets.items()},
-        "lisc_crops": {split: len(c.rows) for split, c in sets.items()},
-        "cell_draws": "one random crop of each of k random cells per class; seeds 0.. (choose), 100.. (test)",
+        "base_held_out_lab": (base_metadata.get("training") or {}).get("held_out_lab"),
+        "base_sha256": sha256_of(args.base),
+        "cells": {split: len(set(c.rows.groups)) for split, c in sets.items()},
+        "files": {split: len(c.rows) for split, c in sets.items()},
+        "cell_draws": "one random file of each of k random cells per class; seeds 0.. (choose), 100.. (test), 7 "
+                      "(command)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, TensorFlow threads {args.threads or 'all'}",
     }
+    defaults = {"stats_mix": adapt.DEFAULTS["stats_mix"], "head_l2": adapt.DEFAULTS["head_l2"],
+                "test_time_views": adapt.DEFAULTS["test_time_views"]}
     if args.skip_choose:
-        mix, l2 = adapt.DEFAULTS["stats_mix"], adapt.DEFAULTS["head_l2"]
-        result["choose"] = {"chosen": {"name": "training/adapt.py defaults", "stats_mix": mix, "head_l2": l2}}
+        setting = defaults
+        result["choose"] = {"chosen": {"name": "training/adapt.py's defaults (not chosen on this lab)", **setting}}
     else:
-        print("1. choose, on LISC validation cells", flush=True)
+        print(f"1. choose, on {args.lab} validation cells", flush=True)
         result["choose"] = choose(base, sets["train"], sets["validation"], ks, args.seeds,
-                                  [float(m) for m in args.mixes.split(",")], [float(v) for v in args.l2s.split(",")])
-        mix, l2 = result["choose"]["chosen"]["stats_mix"], result["choose"]["chosen"]["head_l2"]
+                                  [float(m) for m in args.mixes.split(",")], [float(v) for v in args.l2s.split(",")],
+                                  [int(v) for v in args.served_views.split(",")])
+        setting = {key: result["choose"]["chosen"][key] for key in defaults}
         print(f"   chosen: {result['choose']['chosen']['name']}", flush=True)
+        if setting != defaults:
+            print(f"   note: training/adapt.py's defaults {defaults} are not the chosen setting", flush=True)
     pool = merge(sets["train"], sets["validation"])
-    print("2. test, on LISC test cells", flush=True)
-    result["test"] = {"setting": {"stats_mix": mix, "head_l2": l2},
-                      "data": "adapt on k cells per class of LISC's train+validation cells, measured on all crops "
-                              "of its test cells (a crop without a white cell found counts as wrong)",
-                      "by_k": test(base, pool, sets["test"], ks, args.seeds, mix, l2)}
+    print(f"2. test, on {args.lab} test cells", flush=True)
+    result["test"] = {"setting": setting,
+                      "data": "adapt on k cells per class of the lab's train+validation cells, measured on all files "
+                              "of its test cells (a file where no white cell is found counts as wrong); k = 0: the "
+                              "base model as it is served",
+                      "by_k": test(base, pool, sets["test"], ks, args.seeds, setting)}
     n_test = len(sets["test"].rows)
     for figures in result["test"]["by_k"].values():
         low, high = wilson_interval(round(figures["accuracy"]["mean"] * n_test), n_test)
         figures["accuracy"]["ci95_of_mean"] = [low, high]
     print("3. the command itself, timed", flush=True)
-    if (mix, l2) != (adapt.DEFAULTS["stats_mix"], adapt.DEFAULTS["head_l2"]):
-        print(f"   note: adapt.py's defaults ({adapt.DEFAULTS['stats_mix']}, {adapt.DEFAULTS['head_l2']}) are not the "
-              f"chosen setting ({mix}, {l2})", flush=True)
     from hematovision.classifier import load_classifier
 
     others = abstention_sets(args)
     result["base_served"] = served(load_classifier(args.base), sets["test"], others)
     workdir = Path(tempfile.mkdtemp(prefix="hv_adapt_"))
     try:
-        result["command_runs"] = [command(args.base, pool, sets["test"], others, int(k), args.command_cores, workdir)
-                                  for k in args.command_ks.split(",") if k]
+        result["command_runs"] = [command(args.base, pool, sets["test"], others, int(k), setting, args.command_cores,
+                                          workdir) for k in args.command_ks.split(",") if k]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["seconds"] = round(time.time() - started)
