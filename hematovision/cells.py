@@ -189,9 +189,10 @@ def primary_index(cells: list[Cell], shape: tuple[int, ...]) -> int | None:
     return min(range(len(cells)), key=lambda i: (cells[i].centre[0] - cx) ** 2 + (cells[i].centre[1] - cy) ** 2)
 
 
-def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224) -> np.ndarray:
+def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.ndarray | None = None) -> np.ndarray:
     """(size, size, 3) uint8: a square of side CROP_SCALE x cell.diameter centred on the cell box, resized with
-    Pillow bilinear. Where it leaves the photo, and on black rotation borders, it shows the background colour."""
+    Pillow bilinear. Where it leaves the photo, and on black rotation borders, it shows the background colour
+    (`background`, else background_colour(rgb): pass it when cropping several cells of one image)."""
     height, width = rgb.shape[:2]
     side = max(1, round(CROP_SCALE * cell.diameter))
     cx, cy = cell.centre
@@ -199,7 +200,7 @@ def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224) -> np.ndarray:
     x1, y1 = x0 + side, y0 + side
     ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
     canvas = np.empty((side, side, 3), np.uint8)
-    colour = np.round(background_colour(rgb)).astype(np.uint8)
+    colour = np.round(background_colour(rgb) if background is None else background).astype(np.uint8)
     canvas[:] = colour
     if ix1 > ix0 and iy1 > iy0:
         window = canvas[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
