@@ -21,7 +21,8 @@ How a white cell is found (all on a copy whose longest side is about ``WORK_SIDE
    red-cell radii on each side, mapped back to the given image's pixels.
 
 The canonical crop is centred on the cell box's centre, with side ``CROP_SCALE`` x the cell diameter (the larger side
-of the cell box), padded with the background colour where it leaves the photo, resized with Pillow bilinear.
+of the cell box), padded with the background colour where it leaves the photo, resized with Pillow bilinear, then
+white-balanced: each channel scaled so that the slide background is the same neutral grey in every lab.
 With CROP_SCALE = 2 the cell spans about half the crop: on the 372 annotated BCCD white cells the detected diameter is
 1.005x the annotated box's larger side (median; p10 0.86, p90 1.16), i.e. the true cell is 43-58% of the crop side.
 Measured by training/experiments/measure_detection.py (results/detection.json).
@@ -48,6 +49,8 @@ LOBE_GAP = 0.75  # nucleus pieces closer than this many red-cell radii belong to
 MIN_NUCLEUS_AREA = 0.6  # a cell's nucleus covers at least this many red-cell areas
 CYTOPLASM_MARGIN = 0.5  # the cell box is the nucleus box grown by this many red-cell radii per side
 CROP_SCALE = 2.0  # crop side = CROP_SCALE * cell diameter (larger side of the cell box): the cell is ~50% of it
+SLIDE_WHITE = 235.0  # every crop is white-balanced so that its slide background is this neutral grey
+GAIN_LIMITS = (0.6, 1.8)  # per-channel white-balance gains stay in this range (a mis-read background stays harmless)
 RESAMPLE = Image.Resampling.BILINEAR  # as hematovision.imaging
 
 
@@ -205,8 +208,20 @@ def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.
     if ix1 > ix0 and iy1 > iy0:
         window = canvas[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
         window[:] = rgb[iy0:iy1, ix0:ix1]
-        window[window.max(axis=-1) < BLACK_LEVEL] = colour  # black rotation borders look like empty slide too
+        # black rotation borders look like empty slide too (per-channel compares: a max over the last axis is slow)
+        red, green, blue = window[..., 0], window[..., 1], window[..., 2]
+        window[(red < BLACK_LEVEL) & (green < BLACK_LEVEL) & (blue < BLACK_LEVEL)] = colour
     image = Image.fromarray(np.ascontiguousarray(canvas))
     if image.size != (size, size):
         image = image.resize((size, size), RESAMPLE)
-    return np.asarray(image)
+    return np.asarray(white_balance(image, colour))
+
+
+def white_balance(image: Image.Image, background: np.ndarray) -> Image.Image:
+    """The RGB image with each channel scaled so that the slide's `background` colour becomes neutral SLIDE_WHITE
+    grey: the colour cast of a lab's lamp, camera and mounting medium (grey, peach, yellow) is gone before the
+    network sees the cell; the stains' own colours stay."""
+    gain = np.clip(SLIDE_WHITE / np.maximum(np.asarray(background, np.float32), 1.0), *GAIN_LIMITS)
+    levels = np.arange(256, dtype=np.float32)
+    table = np.clip(levels[None, :] * gain[:, None] + 0.5, 0, 255).astype(np.uint8)  # a lookup table per channel
+    return image.point(table.ravel().tolist())

@@ -9,7 +9,16 @@ import pytest
 from PIL import Image
 
 from hematovision import cells as cells_module
-from hematovision.cells import CROP_SCALE, Cell, canonical_crop, find_white_cells, primary_index
+from hematovision.cells import (
+    CROP_SCALE,
+    SLIDE_WHITE,
+    Cell,
+    background_colour,
+    canonical_crop,
+    find_white_cells,
+    primary_index,
+    white_balance,
+)
 
 FIELDS = Path(__file__).parent / "data" / "fields"
 TWO_WBC_BOXES = [(11, 114, 102, 210), (119, 126, 255, 235)]  # BloodImage_00010 at 320x240 (README there)
@@ -106,8 +115,9 @@ def test_canonical_crop_shape_centre_and_scale():
     crop = canonical_crop(rgb, cell)
     assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
     side = round(CROP_SCALE * 60)
-    expected = np.asarray(Image.fromarray(rgb[110 - side // 2 : 110 + side // 2, 130 - side // 2 : 130 + side // 2])
-                          .resize((224, 224), Image.Resampling.BILINEAR))
+    expected = np.asarray(white_balance(
+        Image.fromarray(rgb[110 - side // 2 : 110 + side // 2, 130 - side // 2 : 130 + side // 2])
+        .resize((224, 224), Image.Resampling.BILINEAR), background_colour(rgb)))
     assert np.array_equal(crop, expected)
     assert canonical_crop(rgb, cell, size=64).shape == (64, 64, 3)
 
@@ -118,9 +128,21 @@ def test_canonical_crop_at_the_border_is_padded_with_background_not_black():
     crop = canonical_crop(rgb, cell)
     assert crop.shape == (224, 224, 3)
     bottom = crop[-10:].reshape(-1, 3).astype(int)
-    background = cells_module.background_colour(rgb)
-    assert np.abs(bottom.mean(axis=0) - background).max() < 8
+    assert np.abs(bottom.mean(axis=0) - SLIDE_WHITE).max() < 8  # the slide's colour, white-balanced
     assert bottom.min() > 100  # not black
+
+
+def test_canonical_crop_is_white_balanced_against_the_slide():
+    """A lab's colour cast (lamp, camera: here a yellow one) is gone from the crop; the stains' colours stay."""
+    rgb = field("bccd_00001_one_wbc.jpg")
+    cell = find_white_cells(rgb)[0]
+    yellow = np.clip(rgb * np.array([1.0, 0.93, 0.72]), 0, 255).astype(np.uint8)
+    plain, cast = canonical_crop(rgb, cell).astype(int), canonical_crop(yellow, cell).astype(int)
+    assert np.abs(cast.mean(axis=(0, 1)) - plain.mean(axis=(0, 1))).max() < 3
+    assert np.abs(cast - plain).mean() < 3
+    unbalanced = np.asarray(Image.fromarray(yellow).resize((224, 224))).mean(axis=(0, 1))
+    assert unbalanced[0] - unbalanced[2] > 30  # the cast was strong before
+    assert np.median(plain[plain.sum(-1) > 600], axis=0) == pytest.approx([SLIDE_WHITE] * 3, abs=6)
 
 
 def test_canonical_crop_fills_black_corners_with_background():

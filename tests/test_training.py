@@ -158,6 +158,38 @@ def test_one_command_trains_exports_calibrates_and_evaluates(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    root = write_data_root(tmp_path / "data")
+    out = tmp_path / "out" / "model.h5"
+    args = ["--data-root", str(root), "--out", str(out), "--weights", "none", "--labs", "kaggle,lisc",
+            "--epochs", "2", "--high-epochs", "1", "--batch-size", "4", "--low-size", "64", "--lisc-repeat", "1",
+            "--workers", "1"]
+    finish_epoch = train.EpochEnd.__call__
+
+    def ctrl_c_after_the_first_low_epoch(self, phase, epoch, logs):
+        finish_epoch(self, phase, epoch, logs)
+        if (phase, epoch) == ("low", 1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.EpochEnd, "__call__", ctrl_c_after_the_first_low_epoch)
+    assert train.main(args) == 130
+    assert "--resume" in capsys.readouterr().err
+    checkpoint = out.with_name("model.checkpoint")
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["done"] == ["head:1", "low:1"] and not out.exists()  # nothing half-written at --out
+    saved = (checkpoint / "last.weights.h5").read_bytes()
+
+    monkeypatch.setattr(train.EpochEnd, "__call__", finish_epoch)
+    assert train.main([*args[:-2], "--epochs", "3"] + args[-2:] + ["--resume"]) == 2  # other settings: refused
+    assert (checkpoint / "last.weights.h5").read_bytes() == saved
+    assert train.main(args + ["--resume"]) == 0
+    run = json.loads(out.with_suffix(".json").read_text())["training"]
+    # The run went on from the second low epoch: nothing done twice, nothing skipped.
+    assert [(h["phase"], h["epoch"]) for h in run["history"]] == [("head", 1), ("low", 1), ("low", 2), ("high", 1)]
+    assert not checkpoint.exists()
+
+
+@pytest.mark.slow
 def test_data_parallel_training_runs_on_two_logical_cpu_devices():
     script = """
 import numpy as np, keras

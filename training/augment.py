@@ -4,10 +4,12 @@ cheap next to a training step), with one seeded generator.
 What varies between labs and between two photos of one cell: orientation (any quarter-turn, mirror), a little
 scale and centring (the cell finder's box is not exact), stain colour (haematoxylin/eosin amounts), brightness,
 contrast, saturation and white balance, focus; some labs' cameras are close to grey. The cell's own shape and
-texture are what stay, and what the network should learn.
+texture are what stay, and what the network should learn. Cameras differ in resolution and compression too.
 """
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -49,13 +51,28 @@ def colour(batch: np.ndarray, rng: np.random.Generator, stain: float, light: flo
     return np.clip(batch, 0.0, 255.0, out=batch)
 
 
+def coarse(picture: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The picture as a lower-resolution camera would give it: 1.5-3.5x fewer pixels per side, JPEG-compressed at
+    quality 40-90, then enlarged back (a small crop from another lab is upscaled the same way by the cell crop)."""
+    size = picture.size[0]
+    small = max(16, round(size / rng.uniform(1.5, 3.5)))
+    buffer = io.BytesIO()
+    picture.resize((small, small), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=int(rng.integers(40, 91)))
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+
+
 def augment(crops: np.ndarray, size: int, rng: np.random.Generator, *, min_scale: float = 0.85,
-            stain: float = 0.08, light: float = 0.15, grey: float = 0.1, blur: float = 0.2) -> np.ndarray:
-    """(N, H, W, 3) uint8 crops -> (N, size, size, 3) float32 0-255 augmented copies."""
+            stain: float = 0.08, light: float = 0.15, grey: float = 0.1, blur: float = 0.2,
+            lowres: float = 0.0) -> np.ndarray:
+    """(N, H, W, 3) uint8 crops -> (N, size, size, 3) float32 0-255 augmented copies; a share `lowres` of them
+    through coarse()."""
     out = np.empty((len(crops), size, size, 3), np.float32)
     for i, image in enumerate(crops):
         picture = place(image, size, rng, min_scale)
-        if rng.random() < blur:
+        if rng.random() < lowres:
+            picture = coarse(picture, rng)
+        elif rng.random() < blur:
             picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2) * size / 224))
         array = np.rot90(np.asarray(picture), k=int(rng.integers(4)))
         out[i] = array[:, ::-1] if rng.random() < 0.5 else array

@@ -54,11 +54,13 @@ DEFAULTS = {
     "head_lr": 1e-3,
     "lr": 5e-4,
     "epochs": 8,
-    "high_epochs": 1,
+    "high_epochs": 2,
     "high_lr": 1e-4,
     "low_size": 160,
     "fine_tune_from": "block_6_expand",
     "dropout": 0.2,
+    "stain": 0.15,
+    "lowres": 0.0,
     "devices": 1,
 }
 
@@ -91,10 +93,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fine-tune-from", default=DEFAULTS["fine_tune_from"],
                    help="first MobileNetV2 layer trained ('' = all of them)")
     p.add_argument("--dropout", type=float, default=DEFAULTS["dropout"])
+    p.add_argument("--stain", type=float, default=DEFAULTS["stain"],
+                   help="stain jitter: haematoxylin/eosin amounts scaled by 1 +- this and shifted by +- this")
+    p.add_argument("--lowres", type=float, default=DEFAULTS["lowres"],
+                   help="share of training crops shown at a 1.5-3.5x lower resolution, JPEG-compressed")
     p.add_argument("--devices", type=int, default=DEFAULTS["devices"],
                    help="data-parallel training over this many devices (GPUs, else logical CPU devices)")
     p.add_argument("--limit", type=int, default=0, help="at most N files per class and split (smoke runs)")
     p.add_argument("--workers", type=int, default=0, help="processes that find cells (0 = all cores)")
+    p.add_argument("--crop-cache", type=Path,
+                   help="keep the cell crops in this folder for later runs (keyed by the file list and the cell "
+                        "finder's code); default: inside the run's checkpoint, removed when it ends")
     args = p.parse_args(argv)
     args.labs = [lab.strip() for lab in args.labs.split(",") if lab.strip()]
     unknown = sorted(set(args.labs) - set(config.LABS))
@@ -152,7 +161,7 @@ def gather(args, cache_dir: Path, progress: Progress) -> dict:
     sets: dict[str, dict] = {"train": {}, "validation": {}, "test": {}}
     for split in sets:
         for lab in labs_all:
-            if split != "test" and lab == args.hold_out:
+            if split == "train" and lab == args.hold_out:
                 continue
             kwargs = {"val_fraction": args.val_fraction, "seed": args.seed} if lab == "kaggle" else {}
             if lab == "lisc" and split == "test":
@@ -164,6 +173,10 @@ def gather(args, cache_dir: Path, progress: Progress) -> dict:
             crops = load_crops(rows, workers=args.workers or None, cache_dir=cache_dir, desc=f"{lab} {split}")
             sets[split][lab] = crops
             progress.say(f"{lab} {split}: {len(rows)} files, white cell found in {int(crops.found.sum())}")
+    if args.hold_out:
+        # The held-out lab's validation rows are scored at the end, never during training: the figure that
+        # compares recipes for unseen labs without looking at that lab's test rows.
+        sets["held_out_validation"] = {args.hold_out: sets["validation"].pop(args.hold_out)}
     return sets
 
 
@@ -225,7 +238,8 @@ def distribution_scope(devices: int):
     raise DataError(f"--devices {devices} needs the TensorFlow or JAX backend (this is {backend})")
 
 
-def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size: int, seed: int, epoch: int):
+def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size: int, seed: int, epoch: int,
+            stain: float = DEFAULTS["stain"], lowres: float = DEFAULTS["lowres"]):
     """A keras.utils.PyDataset of augmented batches: every training crop once per epoch (a lab's `repeat`
     times), shuffled, augmented in a background thread while the network trains."""
     import keras
@@ -248,7 +262,7 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
         def __getitem__(self, i):
             idx = np.sort(self.order[i * batch_size:(i + 1) * batch_size])
             rng = np.random.default_rng([seed, self.epoch, i])
-            return augment(x[idx], size, rng), y[idx]
+            return augment(x[idx], size, rng, stain=stain, lowres=lowres), y[idx]
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -337,8 +351,8 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
             callback = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs, p=phase, f=end: f(p, e + 1, logs))
             progress.say(f"{phase}: {size} px, epochs {start + 1}-{epochs}, {steps_per_epoch} steps of "
                          f"{args.batch_size}, {'head only' if phase == 'head' else 'from ' + args.fine_tune_from}")
-            model.fit(batches(x, y, repeat, size, args.batch_size, args.seed, start * 1000), epochs=epochs,
-                      initial_epoch=start, callbacks=[callback], verbose=0)
+            model.fit(batches(x, y, repeat, size, args.batch_size, args.seed, start * 1000, args.stain, args.lowres),
+                      epochs=epochs, initial_epoch=start, callbacks=[callback], verbose=0)
             done = set(state["done"])
     # Best epoch by validation; exported at 224 in float32 whatever trained it.
     final = build_model(len(config.LABELS), weights=None, dropout=args.dropout)
@@ -410,7 +424,7 @@ def run(args, argv) -> dict:
     state["settings"] = settings_of(args)
 
     progress.step("data", f"labs {args.labs}" + (f", {args.hold_out} held out" if args.hold_out else ""))
-    sets = gather(args, checkpoint / "crops", progress)
+    sets = gather(args, args.crop_cache or checkpoint / "crops", progress)
     for lab, crops in sets["train"].items():
         if not len(crops.targets):
             raise DataError(f"{lab}: no training image with a white cell found")
@@ -462,8 +476,10 @@ def run(args, argv) -> dict:
         progress.step("evaluate", "held-out rows, through the app's classifier")
         classifier = load_classifier(staged)
         evaluation = {}
-        for lab, crops in sets["test"].items():
-            name = f"{lab}_test" + ("_held_out_lab" if lab == args.hold_out else "")
+        scored = [(f"{lab}_test" + ("_held_out_lab" if lab == args.hold_out else ""), lab, c)
+                  for lab, c in sets["test"].items()]
+        scored += [(f"{lab}_validation_held_out_lab", lab, c) for lab, c in sets.get("held_out_validation", {}).items()]
+        for name, lab, crops in scored:
             result = pipeline.assess_crops(classifier, crops, unknown_type=lab == "lisc", sources=lab == "kaggle")
             evaluation[name] = result
             progress.say(f"{name}: accuracy {result['accuracy']:.4f} (n={result['n']}), answered "
@@ -493,7 +509,7 @@ def run(args, argv) -> dict:
 
 def settings_of(args) -> dict:
     return {k: (v.as_posix() if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("out", "data_root", "force", "resume", "workers")}
+            if k not in ("out", "data_root", "force", "resume", "workers", "crop_cache")}
 
 
 def describe(args, argv, sets: dict, state: dict, device: str) -> dict:
