@@ -89,9 +89,19 @@ def downscale(rgb: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
     return np.asarray(Image.fromarray(small).reduce(factor)) if factor > 1 else small
 
 
+def channel_max(pixels: np.ndarray) -> np.ndarray:
+    """Max over the last axis (R, G, B): the same as .max(axis=-1), several times faster on numpy's small last axis."""
+    return np.maximum(np.maximum(pixels[..., 0], pixels[..., 1]), pixels[..., 2])
+
+
+def channel_sum(pixels: np.ndarray) -> np.ndarray:
+    """R + G + B, in that order: the same as .sum(axis=-1), several times faster."""
+    return pixels[..., 0] + pixels[..., 1] + pixels[..., 2]
+
+
 def _slide(small: np.ndarray) -> np.ndarray:
     """Pixels of the photographed slide (not black rotation borders), shrunk off the border's blurred edge."""
-    valid = small.max(axis=-1) >= BLACK_LEVEL
+    valid = channel_max(small) >= BLACK_LEVEL
     if valid.all():
         return valid
     return ndi.binary_erosion(valid, iterations=2, border_value=1)
@@ -101,10 +111,10 @@ def background_colour(rgb: np.ndarray) -> np.ndarray:
     """The empty-slide colour: median of the brightest tenth of the non-black pixels (float RGB, 3 values)."""
     small = rgb if max(rgb.shape[:2]) <= 2 * WORK_SIDE else downscale(rgb)
     pixels = small.reshape(-1, 3)
-    pixels = pixels[pixels.max(axis=1) >= BLACK_LEVEL]
+    pixels = pixels[channel_max(pixels) >= BLACK_LEVEL]
     if len(pixels) == 0:
         return np.array([255.0, 255.0, 255.0])
-    brightness = pixels.astype(np.int32).sum(axis=1)
+    brightness = channel_sum(pixels.astype(np.int32))
     return np.median(pixels[brightness >= np.percentile(brightness, 90)], axis=0).astype(np.float64)
 
 
@@ -132,12 +142,12 @@ def analyse(rgb: np.ndarray) -> dict | None:
     if slide.sum() < 64:
         return None
     pixels = small.astype(np.float32) + 1.0
-    bright = pixels.sum(axis=-1)
+    bright = channel_sum(pixels)
     top = bright >= np.percentile(bright[slide], 90)
     background = np.median(pixels[slide & top], axis=0)
     od = np.log(np.maximum(background / pixels, 1e-3))  # optical density against the empty slide
     stain = np.where(slide, od[..., 1] - od[..., 2], 0.0)
-    density = np.where(slide, od.sum(axis=-1), 0.0)
+    density = np.where(slide, channel_sum(od), 0.0)
     seeds = stain > NUCLEUS_HIGH
     others = slide & ~ndi.binary_dilation(seeds, iterations=2)
     level = 0.0
@@ -158,7 +168,20 @@ def analyse(rgb: np.ndarray) -> dict | None:
 
 def find_white_cells(rgb: np.ndarray) -> list[Cell]:
     """Every white blood cell in an HxWx3 uint8 RGB image, sorted top to bottom, then left to right (box centres)."""
+    return _cells(rgb, analyse(rgb))
+
+
+def survey(rgb: np.ndarray) -> tuple[list[Cell], np.ndarray | None]:
+    """find_white_cells(rgb), and the slide's colour as background_colour(rgb) gives it (None when there is no
+    cell to crop), from one downscaled copy of the image."""
     found = analyse(rgb)
+    cells = _cells(rgb, found)
+    if not cells:
+        return cells, None
+    return cells, background_colour(found["small"] if max(rgb.shape[:2]) > 2 * WORK_SIDE else rgb)
+
+
+def _cells(rgb: np.ndarray, found: dict | None) -> list[Cell]:
     if found is None or not found["nucleus"].any():
         return []
     small, nucleus, radius = found["small"], found["nucleus"], found["radius"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hematovision.cells import Cell, background_colour, canonical_crop, find_white_cells, primary_index
+from hematovision.cells import Cell, canonical_crop, primary_index, survey
 
 IMAGE_SIZE = (224, 224)
 ACCEPTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF", "MPO": "JPEG"}
@@ -148,8 +148,7 @@ class Field:
 
 def field_from_image(image: Image.Image) -> Field:
     rgb = np.asarray(to_rgb(image), dtype=np.uint8)
-    cells = find_white_cells(rgb)
-    background = background_colour(rgb) if cells else None  # the slide's colour, once per image
+    cells, background = survey(rgb)  # the slide's colour is computed once per image, for all its crops
     crops = (np.stack([canonical_crop(rgb, cell, IMAGE_SIZE[0], background) for cell in cells]) if cells
              else np.zeros((0, *IMAGE_SIZE, 3), np.uint8))
     return Field(image=image, cells=cells, crops=crops, primary=primary_index(cells, rgb.shape))
