@@ -210,7 +210,8 @@ def fit_feature_density(features: np.ndarray, targets: np.ndarray, components: i
     values, vectors = np.linalg.eigh(covariance)  # ascending
     count = min(components, len(values))
     order = np.arange(count) if lowest else np.arange(len(values) - count, len(values))
-    floor = max(values.max(), 1e-12) * 1e-9  # a direction without variance would divide by zero
+    # A direction without variance would divide by zero; the floor also keeps every scale within float16's range.
+    floor = max(max(values.max(), 1e-12) * 1e-9, 1.0 / 60000.0**2)
     projection = (vectors[:, order] / np.sqrt(np.maximum(values[order], floor))).astype(np.float16)
     return FeatureDensity(projection=projection.astype(np.float32),
                           class_means=(means @ projection.astype(np.float64)).astype(np.float32))

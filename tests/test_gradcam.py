@@ -15,7 +15,7 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import stream_encode_multipart
 
 from hematovision import gradcam
-from hematovision.cells import Cell, canonical_crop
+from hematovision.cells import Cell, background_colour, canonical_crop, white_balance
 from hematovision.imaging import prepare_field
 
 
@@ -227,8 +227,8 @@ def test_crop_window_is_where_the_canonical_crop_comes_from():
     cell = Cell((140, 80, 180, 130), 100, 1.0)  # a box whose 2x window (100 px) stays inside the 320x240 field
     x0, y0, side = gradcam.crop_window(cell.box)
     assert (x0, y0, side) == (110, 55, 100)
-    by_hand = np.asarray(Image.fromarray(rgb[y0:y0 + side, x0:x0 + side]).resize((224, 224), Image.Resampling.BILINEAR))
-    np.testing.assert_array_equal(canonical_crop(rgb, cell, 224), by_hand)
+    by_hand = Image.fromarray(rgb[y0:y0 + side, x0:x0 + side]).resize((224, 224), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(canonical_crop(rgb, cell, 224), white_balance(by_hand, background_colour(rgb)))
 
 
 def test_cell_heatmaps_are_drawn_in_their_windows_and_nowhere_else():
