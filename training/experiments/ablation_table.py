@@ -61,7 +61,8 @@ def main(argv=None) -> int:
           + " | held-out lab: validation |")
     print("|---|---|---|" + "---|" * len(labs) + "---|")
     for r, changed in zip(rows, differences(rows), strict=True):
-        held = f"{r['held_out_lab']} {r['held_out_validation']:.3f}" if r["held_out_lab"] else ""
+        held = (f"{r['held_out_lab']} {r['held_out_validation']:.3f}" if r["held_out_validation"] is not None
+                else r["held_out_lab"] or "")
         print(f"| {r['name']} | {changed} | {r['minutes']} | "
               + " | ".join(f"{r['validation'].get(lab, float('nan')):.3f}" for lab in labs) + f" | {held} |")
     if args.json:
