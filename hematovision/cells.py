@@ -225,13 +225,19 @@ def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.
     x0, y0 = round(cx - side / 2), round(cy - side / 2)
     x1, y1 = x0 + side, y0 + side
     ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
-    canvas = np.empty((side, side, 3), np.uint8)
     colour = np.round(background_colour(rgb) if background is None else background).astype(np.uint8)
-    canvas[:] = colour
-    if ix1 > ix0 and iy1 > iy0:
-        window = canvas[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
-        window[:] = rgb[iy0:iy1, ix0:ix1]
+    if (ix0, iy0, ix1, iy1) == (x0, y0, x1, y1):  # inside the photo: nothing to pad
+        canvas = window = rgb[y0:y1, x0:x1]
+    else:
+        canvas = np.empty((side, side, 3), np.uint8)
+        canvas[:] = colour
+        window = canvas[max(0, iy0 - y0) : max(0, iy1 - y0), max(0, ix0 - x0) : max(0, ix1 - x0)]
+        if window.size:
+            window[:] = rgb[iy0:iy1, ix0:ix1]
+    if window.size and window.min() < BLACK_LEVEL:  # a black pixel needs all three channels below BLACK_LEVEL
         # black rotation borders look like empty slide too (per-channel compares: a max over the last axis is slow)
+        if canvas is window:
+            canvas = window = window.copy()
         red, green, blue = window[..., 0], window[..., 1], window[..., 2]
         window[(red < BLACK_LEVEL) & (green < BLACK_LEVEL) & (blue < BLACK_LEVEL)] = colour
     image = Image.fromarray(np.ascontiguousarray(canvas))
