@@ -107,9 +107,13 @@ def _slide(small: np.ndarray) -> np.ndarray:
     return ndi.binary_erosion(valid, iterations=2, border_value=1)
 
 
-def background_colour(rgb: np.ndarray) -> np.ndarray:
-    """The empty-slide colour: median of the brightest tenth of the non-black pixels (float RGB, 3 values)."""
-    small = rgb if max(rgb.shape[:2]) <= 2 * WORK_SIDE else downscale(rgb)
+def background_colour(rgb: np.ndarray, small: np.ndarray | None = None) -> np.ndarray:
+    """The empty-slide colour: median of the brightest tenth of the non-black pixels (float RGB, 3 values).
+    A large image is read on its downscale(rgb) copy: `small`, when the caller already has it."""
+    if max(rgb.shape[:2]) <= 2 * WORK_SIDE:
+        small = rgb
+    elif small is None:
+        small = downscale(rgb)
     pixels = small.reshape(-1, 3)
     pixels = pixels[channel_max(pixels) >= BLACK_LEVEL]
     if len(pixels) == 0:
@@ -178,7 +182,7 @@ def survey(rgb: np.ndarray) -> tuple[list[Cell], np.ndarray | None]:
     cells = _cells(rgb, found)
     if not cells:
         return cells, None
-    return cells, background_colour(found["small"] if max(rgb.shape[:2]) > 2 * WORK_SIDE else rgb)
+    return cells, background_colour(rgb, found["small"])
 
 
 def _cells(rgb: np.ndarray, found: dict | None) -> list[Cell]:

@@ -53,9 +53,8 @@ def fit_calibration(train_features, train_targets, val_raw, val_targets, val_fea
     from hematovision import abstention
 
     components = min(components, train_features.shape[1], max(1, len(train_targets) - len(set(train_targets))))
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a degenerate covariance: handled below
-        density = abstention.fit_feature_density(train_features, train_targets, components=components)
-        distances = density.distances(val_features)
+    density = abstention.fit_feature_density(train_features, train_targets, components=components)
+    distances = density.distances(val_features)
     if not np.all(np.isfinite(distances)):  # too few training cells for a covariance: no distance test
         density = distances = None
     single = abstention.Temperature(base=abstention.fit_temperature(val_raw, val_targets))
