@@ -115,20 +115,28 @@ def background_colour(rgb: np.ndarray, small: np.ndarray | None = None) -> np.nd
     elif small is None:
         small = downscale(rgb)
     pixels = small.reshape(-1, 3)
-    pixels = pixels[channel_max(pixels) >= BLACK_LEVEL]
+    valid = channel_max(pixels) >= BLACK_LEVEL
+    if not valid.all():
+        pixels = rows(pixels, valid)
     if len(pixels) == 0:
         return np.array([255.0, 255.0, 255.0])
     brightness = channel_sum(pixels.astype(np.int32))
-    return np.median(pixels[brightness >= np.percentile(brightness, 90)], axis=0).astype(np.float64)
+    return np.median(rows(pixels, brightness >= np.percentile(brightness, 90)), axis=0).astype(np.float64)
+
+
+def rows(pixels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """pixels[keep] for (N, 3) pixels and an (N,) mask: the same rows, ~4x faster than boolean indexing."""
+    return pixels.take(np.flatnonzero(keep), axis=0)
 
 
 def _red_cell_radius(stained: np.ndarray, fallback: float) -> float:
     """Typical red-cell radius (work pixels), from the distance transform's local maxima on the stained non-nucleus
     mask with holes filled (pale red-cell centres). Touching red cells still peak at their centres. On BCCD it reads
     ~0.8x the radius of the annotated red-cell boxes (which include overlaps), p90/p10 spread 1.3."""
-    holes, _ = ndi.label(~stained)
-    border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
-    filled = stained | ~np.isin(holes, border)  # binary_fill_holes, but one labelling instead of many dilations
+    holes, count = ndi.label(~stained)
+    hole = np.ones(count + 1, bool)  # binary_fill_holes, but one labelling instead of many dilations
+    hole[np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]])] = False  # touches the border: not a hole
+    filled = stained | hole[holes]
     dist = ndi.distance_transform_edt(filled)
     values = dist[(dist == ndi.maximum_filter(dist, size=5)) & (dist >= 2)]
     if len(values) < 3:
@@ -148,7 +156,7 @@ def analyse(rgb: np.ndarray) -> dict | None:
     pixels = small.astype(np.float32) + 1.0
     bright = channel_sum(pixels)
     top = bright >= np.percentile(bright[slide], 90)
-    background = np.median(pixels[slide & top], axis=0)
+    background = np.median(rows(pixels.reshape(-1, 3), (slide & top).ravel()), axis=0)
     od = np.log(np.maximum(background / pixels, 1e-3))  # optical density against the empty slide
     stain = np.where(slide, od[..., 1] - od[..., 2], 0.0)
     density = np.where(slide, channel_sum(od), 0.0)
@@ -234,7 +242,8 @@ def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.
         canvas = window = rgb[y0:y1, x0:x1]
     else:
         canvas = np.empty((side, side, 3), np.uint8)
-        canvas[:] = colour
+        canvas[0] = colour  # one row, then whole rows: broadcasting 3 values over the canvas is ~50x slower
+        canvas[1:] = canvas[0]
         window = canvas[max(0, iy0 - y0) : max(0, iy1 - y0), max(0, ix0 - x0) : max(0, ix1 - x0)]
         if window.size:
             window[:] = rgb[iy0:iy1, ix0:ix1]
