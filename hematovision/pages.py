@@ -320,12 +320,25 @@ def _training(training: dict) -> dict:
         "time": human_duration(training.get("wall_seconds", training.get("seconds"))),
         "device": human_device(training.get("device"), training.get("cpu_count")),
         "epochs": len(history) or None,
-        "best": ({"phase": str(best.get("phase", "")), "epoch": best.get("epoch")} if best else None),
+        "best": ({"phase": str(best.get("phase", "")), "epoch": best.get("epoch"), "text": _kept(best)}
+                 if best else None),
         "history": history,
         "history_labs": list(dict.fromkeys(lab for entry in history for lab in entry["val"])),
         "settings": settings,
         "command": training.get("command") if isinstance(training.get("command"), str) else None,
     }
+
+
+def _kept(best: dict) -> str | None:
+    """Which weights a training run kept, in words: 'high phase, epoch 1', or for averaged weights (train.py
+    --average) 'the mean of the weights of low 8, high 1 and high 2'."""
+    epoch = best.get("epoch")
+    if best.get("phase") == "average" and isinstance(epoch, list) and epoch:
+        names = [str(name).replace("_", " ") for name in epoch]
+        return "the mean of the weights of " + (", ".join(names[:-1]) + " and " if len(names) > 1 else "") + names[-1]
+    if epoch is None or isinstance(epoch, (list, dict)):
+        return None
+    return f"{str(best.get('phase', '')).replace('_', ' ')} phase, epoch {epoch}"
 
 
 def _adaptation(adaptation: dict, labels: list[str]) -> dict:

@@ -238,6 +238,7 @@ def test_model_card_reads_like_a_model_card(realistic_model):
         assert f"<summary>{summary}</summary>" in details
     assert "fine_tune_from=" not in text and "{'" not in text and "weights" not in details.split("Settings")[1][:400]
     assert "<dt>fine tune from</dt><dd>none</dd>" in details and "<dt>labs</dt><dd>Kaggle, PBC, LISC</dd>" in details
+    assert "over the training labs: low phase, epoch 2 (of 4)." in text
     assert "low 2 (kept)" in details
     # The charts: curves first, then each test set's confusion matrix in the metadata's order; not the older figure.
     srcs = re.findall(r'<img src="/model/files/([^"]+)"', raw)
@@ -245,6 +246,15 @@ def test_model_card_reads_like_a_model_card(realistic_model):
                     "blood_cell_model_confusion_pbc_test.png", "blood_cell_model_confusion_lisc_test.png"]
     assert "Confusion matrix, PBC test" in text
     assert client.get("/model/files/confusion_kaggle_test.png").status_code == 404  # not this model's
+
+
+def test_model_card_names_averaged_weights_in_words(tiny_model_path, tmp_path):
+    metadata = realistic_metadata()
+    metadata["training"]["best_epoch"] = {"phase": "average", "epoch": ["low_2", "high_1"]}
+    model = write_model(tiny_model_path, tmp_path / "averaged", metadata)
+    client = create_app({"TESTING": True, "MODEL_PATH": str(model)}).test_client()
+    text = " ".join(html.unescape(client.get("/model").get_data(as_text=True)).split())
+    assert ": the mean of the weights of low 2 and high 1 (of 4)." in text and "['" not in text
 
 
 def test_a_held_out_lab_and_a_missing_table_are_said_plainly(tiny_model_path, tmp_path):

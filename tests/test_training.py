@@ -163,7 +163,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     out = tmp_path / "out" / "model.h5"
     args = ["--data-root", str(root), "--out", str(out), "--weights", "none", "--labs", "kaggle,lisc",
             "--epochs", "2", "--high-epochs", "1", "--batch-size", "4", "--low-size", "64", "--lisc-repeat", "1",
-            "--workers", "1"]
+            "--average", "3", "--workers", "1"]
     finish_epoch = train.EpochEnd.__call__
 
     def ctrl_c_after_the_first_low_epoch(self, phase, epoch, logs):
@@ -186,7 +186,43 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     run = json.loads(out.with_suffix(".json").read_text())["training"]
     # The run went on from the second low epoch: nothing done twice, nothing skipped.
     assert [(h["phase"], h["epoch"]) for h in run["history"]] == [("head", 1), ("low", 1), ("low", 2), ("high", 1)]
+    assert run["average"]["epochs"] == ["low_1", "low_2", "high_1"]  # the epoch before Ctrl-C still counts
     assert not checkpoint.exists()
+
+
+def test_the_mean_of_the_last_epochs_weights_is_kept_only_when_it_validates_as_well(tmp_path):
+    from types import SimpleNamespace
+
+    from hematovision.network import build_model
+
+    model = build_model(len(LABELS), weights=None, image_size=(32, 32))
+    rng = np.random.default_rng(0)
+    start = model.get_weights()
+    snapshots = {}
+    for name in ("low_1", "low_2", "high_1"):
+        snapshots[name] = [w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in start]
+        model.set_weights(snapshots[name])
+        model.save_weights(tmp_path / f"{name}.weights.h5")
+    history = [{"phase": "head", "epoch": 1}, {"phase": "low", "epoch": 1}, {"phase": "low", "epoch": 2},
+               {"phase": "high", "epoch": 1}]
+    val = {"kaggle": SimpleNamespace(crops=rng.uniform(0, 255, (8, 32, 32, 3)).astype(np.float32),
+                                     targets=np.arange(8) % len(LABELS))}
+    progress = train.Progress(0.0)
+
+    model.set_weights(snapshots["low_1"])  # the best single epoch
+    state = {"history": history, "best_val_mean": -1.0, "best": {"phase": "low", "epoch": 1}}
+    train.average_last_epochs(model, 2, tmp_path, val, state, progress)
+    assert state["average"]["epochs"] == ["low_2", "high_1"] and state["average"]["kept"]
+    assert state["best"] == {"phase": "average", "epoch": ["low_2", "high_1"]}
+    for got, a, b in zip(model.get_weights(), snapshots["low_2"], snapshots["high_1"], strict=True):
+        np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-5, atol=1e-7)
+
+    model.set_weights(snapshots["low_1"])
+    state = {"history": history, "best_val_mean": 1.5, "best": {"phase": "low", "epoch": 1}}  # cannot be matched
+    train.average_last_epochs(model, 3, tmp_path, val, state, progress)
+    assert not state["average"]["kept"] and state["best"] == {"phase": "low", "epoch": 1}
+    for got, best in zip(model.get_weights(), snapshots["low_1"], strict=True):
+        np.testing.assert_array_equal(got, best)
 
 
 @pytest.mark.slow

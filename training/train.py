@@ -59,6 +59,7 @@ DEFAULTS = {
     "low_size": 160,
     "fine_tune_from": "block_6_expand",
     "dropout": 0.2,
+    "average": 0,
     "stain": 0.15,
     "lowres": 0.0,
     "devices": 1,
@@ -93,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fine-tune-from", default=DEFAULTS["fine_tune_from"],
                    help="first MobileNetV2 layer trained ('' = all of them)")
     p.add_argument("--dropout", type=float, default=DEFAULTS["dropout"])
+    p.add_argument("--average", type=int, default=DEFAULTS["average"],
+                   help="also try the mean of the weights of the last N fine-tuning epochs; kept when its mean "
+                        "validation accuracy is at least the best single epoch's (0: the best epoch)")
     p.add_argument("--stain", type=float, default=DEFAULTS["stain"],
                    help="stain jitter: haematoxylin/eosin amounts scaled by 1 +- this and shifted by +- this")
     p.add_argument("--lowres", type=float, default=DEFAULTS["lowres"],
@@ -101,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="data-parallel training over this many devices (GPUs, else logical CPU devices)")
     p.add_argument("--limit", type=int, default=0, help="at most N files per class and split (smoke runs)")
     p.add_argument("--workers", type=int, default=0, help="processes that find cells (0 = all cores)")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep <out>.checkpoint/ (every fine-tuning epoch's weights) after a finished run, for "
+                        "training/experiments/measure_weight_average.py")
     p.add_argument("--crop-cache", type=Path,
                    help="keep the cell crops in this folder for later runs (keyed by the file list and the cell "
                         "finder's code); default: inside the run's checkpoint, removed when it ends")
@@ -271,6 +278,12 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
     return Batches()
 
 
+def validation_scores(model, val: dict) -> dict:
+    """{lab: accuracy} on each lab's validation crops {lab: (crops, targets)}."""
+    return {lab: float((model.predict(x, batch_size=64, verbose=0).argmax(1) == y).mean())
+            for lab, (x, y) in val.items() if len(y)}
+
+
 class EpochEnd:
     """After each epoch: validation accuracy per lab, the best weights so far, a checkpoint, a progress line."""
 
@@ -281,15 +294,8 @@ class EpochEnd:
         self.total_epochs = total_epochs
         self.epoch_started = time.time()
 
-    def score(self) -> dict:
-        scores = {}
-        for lab, (x, y) in self.val.items():
-            if len(y):
-                scores[lab] = float((self.model.predict(x, batch_size=64, verbose=0).argmax(1) == y).mean())
-        return scores
-
     def __call__(self, phase: str, epoch: int, logs: dict) -> None:
-        scores = self.score()
+        scores = validation_scores(self.model, self.val)
         mean = float(np.mean(list(scores.values()))) if scores else 0.0
         history = self.state.setdefault("history", [])
         history.append({"phase": phase, "epoch": epoch, "loss": float(logs.get("loss", 0.0)),
@@ -299,6 +305,8 @@ class EpochEnd:
             self.state.update(best_val_mean=mean, best={"phase": phase, "epoch": epoch})
             self.model.save_weights(self.checkpoint / "best.weights.h5")
         self.model.save_weights(self.checkpoint / "last.weights.h5")
+        if phase != "head":  # kept for --average
+            self.model.save_weights(self.checkpoint / f"{phase}_{epoch}.weights.h5")
         self.state["done"] = [*self.state.get("done", []), f"{phase}:{epoch}"]
         (self.checkpoint / "state.json").write_text(json.dumps(self.state, indent=2), encoding="utf-8")
         done = len(self.state["done"])
@@ -357,7 +365,34 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
     # Best epoch by validation; exported at 224 in float32 whatever trained it.
     final = build_model(len(config.LABELS), weights=None, dropout=args.dropout)
     final.load_weights(checkpoint / "best.weights.h5")
+    if args.average > 1:
+        average_last_epochs(final, args.average, checkpoint, val, state, progress)
     return final
+
+
+def average_last_epochs(model, n: int, checkpoint: Path, val: dict, state: dict, progress: Progress) -> None:
+    """Replace `model`'s weights by the mean of the last `n` fine-tuning epochs' weights when that mean scores at
+    least the best single epoch's mean validation accuracy. Batch norm is frozen (ImageNet statistics), so
+    averaged weights need no new statistics. Records the comparison in state["average"]."""
+    names = [f"{h['phase']}_{h['epoch']}" for h in state["history"] if h["phase"] != "head"][-n:]
+    best = [w.copy() for w in model.get_weights()]
+    total = None
+    for name in names:
+        model.load_weights(checkpoint / f"{name}.weights.h5")
+        weights = model.get_weights()
+        total = weights if total is None else [t + w for t, w in zip(total, weights, strict=True)]
+    model.set_weights([t / len(names) for t in total])
+    scores = validation_scores(model, {lab: (c.crops, c.targets) for lab, c in val.items()})
+    mean = float(np.mean(list(scores.values()))) if scores else 0.0
+    kept = mean >= state.get("best_val_mean", -1.0)
+    state["average"] = {"epochs": names, "val_accuracy": scores, "val_mean": mean, "kept": kept}
+    if kept:
+        state.update(best_val_mean=mean, best={"phase": "average", "epoch": names})
+    else:
+        model.set_weights(best)
+    figures = " ".join(f"{lab} {acc:.3f}" for lab, acc in scores.items())
+    progress.say(f"mean of the weights of {', '.join(names)}: validation {figures} (mean {mean:.4f}); "
+                 + ("kept" if kept else "the best single epoch is kept"))
 
 
 # --- the command ---------------------------------------------------------------------------------------------
@@ -501,7 +536,8 @@ def run(args, argv) -> dict:
             os.replace(path, args.out.parent / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    if not args.keep_checkpoint:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     progress.say(f"wrote {args.out} and its .json, .tflite, _ood.npz, curves and confusion matrices in "
                  f"{metadata['training']['wall_seconds'] / 60:.1f} min")
     return metadata
@@ -509,11 +545,13 @@ def run(args, argv) -> dict:
 
 def settings_of(args) -> dict:
     return {k: (v.as_posix() if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("out", "data_root", "force", "resume", "workers", "crop_cache")}
+            if k not in ("out", "data_root", "force", "resume", "workers", "crop_cache", "keep_checkpoint")}
 
 
 def describe(args, argv, sets: dict, state: dict, device: str) -> dict:
     """The metadata that travels with the weights."""
+    average = {"phase": "average", "epoch": (state.get("average") or {}).get("epochs"),
+               "val_accuracy": (state.get("average") or {}).get("val_accuracy")}
     counts = {split: {lab: {"files": len(c.rows), "cells_found": int(c.found.sum())} for lab, c in by_lab.items()}
               for split, by_lab in sets.items()}
     return {
@@ -534,17 +572,20 @@ def describe(args, argv, sets: dict, state: dict, device: str) -> dict:
                        f"fraction {args.val_fraction}, seed {args.seed}), at most {args.kaggle_per_photo} copies "
                        "per photo; PBC: training/splits/pbc_split.csv; LISC: by cell_id, 60/20/20 per class, "
                        f"seed {args.seed}. Test rows were never used for a choice."),
-            "chosen_on": "the epoch with the best mean validation accuracy over the training labs",
+            "chosen_on": ("the epoch with the best mean validation accuracy over the training labs"
+                          + (f", or the mean of the last {args.average} epochs' weights where that scores at "
+                             "least as well" if args.average > 1 else "")),
             "base_weights": Path(args.weights).name,
             "settings": settings_of(args),
             "history": state.get("history", []),
             "best_epoch": state.get("best"),
+            "average": state.get("average"),
             "device": device,
             "cpu_count": os.cpu_count(),
         },
         "versions": library_versions(),
         "validation": {"mean_accuracy": state.get("best_val_mean"),
-                       "by_lab": next((h["val_accuracy"] for h in state.get("history", [])
+                       "by_lab": next((h["val_accuracy"] for h in [*state.get("history", []), average]
                                        if {"phase": h["phase"], "epoch": h["epoch"]} == state.get("best")), {})},
         "evaluation": {},
     }

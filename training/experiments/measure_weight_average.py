@@ -1,0 +1,81 @@
+"""Is the mean of the last few epochs' weights better than the best single epoch? Validation rows only.
+
+Reads the per-epoch weights a train.py run keeps in its checkpoint folder (`<phase>_<epoch>.weights.h5`; kept
+after the run with --keep-checkpoint), and scores, on each lab's validation rows exactly as train.py selects
+them, every single epoch and the mean of the last N epochs' weights, for runs that stop after E epochs:
+
+    python training/train.py --data-root ../shared/data --weights W.h5 --out /tmp/x/m.h5 --high-epochs 4 \
+        --keep-checkpoint
+    python training/experiments/measure_weight_average.py --data-root ../shared/data \
+        --checkpoint /tmp/x/m.checkpoint --json training/experiments/results/weight_average.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from training import train
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a train.py run's <out>.checkpoint folder")
+    p.add_argument("--crop-cache", type=Path)
+    p.add_argument("--windows", default="2,3,4,5,6", help="numbers of last epochs to average")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    from hematovision.network import build_model
+    from training import config
+
+    state = json.loads((args.checkpoint / "state.json").read_text(encoding="utf-8"))
+    settings = state["settings"]
+    run_args = train.parse_args(["--data-root", str(args.data_root), "--out", "unused.h5",
+                                 "--labs", ",".join(settings["labs"]), "--seed", str(settings["seed"]),
+                                 "--val-fraction", str(settings["val_fraction"]),
+                                 "--kaggle-per-photo", str(settings["kaggle_per_photo"])])
+    sets = train.gather(run_args, args.crop_cache or args.checkpoint / "crops", train.Progress(0.0))
+    val = {lab: (c.crops, c.targets) for lab, c in sets["validation"].items()}
+    names = [f"{h['phase']}_{h['epoch']}" for h in state["history"] if h["phase"] != "head"]
+    model = build_model(len(config.LABELS), weights=None, dropout=settings["dropout"])
+    weights = {}
+    for name in names:
+        model.load_weights(args.checkpoint / f"{name}.weights.h5")
+        weights[name] = model.get_weights()
+
+    def score(members: list[str]) -> dict:
+        model.set_weights([np.mean(parts, axis=0) for parts in zip(*(weights[m] for m in members), strict=True)])
+        scores = train.validation_scores(model, val)
+        return {"members": members, "val_accuracy": scores, "val_mean": float(np.mean(list(scores.values())))}
+
+    result: dict = {"checkpoint": args.checkpoint.name, "settings": settings, "single": {}, "runs": {}}
+    for name in names:
+        result["single"][name] = score([name])
+        print(f"{name}: {result['single'][name]['val_mean']:.4f} {result['single'][name]['val_accuracy']}",
+              flush=True)
+    low = sum(1 for n in names if n.startswith("low_"))
+    for end in range(low + 1, len(names) + 1):  # runs with 1, 2, ... high epochs
+        upto = names[:end]
+        best = max(upto, key=lambda n: result["single"][n]["val_mean"])
+        run = {"best_single": {"epoch": best, **result["single"][best]}, "averages": {}}
+        for n in (int(w) for w in args.windows.split(",")):
+            if n <= len(upto):
+                run["averages"][n] = score(upto[-n:])
+                print(f"{end - low} high epoch(s), mean of last {n}: {run['averages'][n]['val_mean']:.4f} "
+                      f"{run['averages'][n]['val_accuracy']} (best single {best}: "
+                      f"{run['best_single']['val_mean']:.4f})", flush=True)
+        result["runs"][f"high_epochs_{end - low}"] = run
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
