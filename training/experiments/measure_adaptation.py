@@ -22,11 +22,20 @@ one cell never fall on two sides. An adaptation gets k cells per class, one crop
    cell found) of LISC's test basophils (a type the model does not know) and, with --noncell-dir
    (training/experiments/make_noncell_set.py), of images that are not white cells, beside the base's own.
 
-Writes training/experiments/results/adaptation.json (--json). A second lab, with the setting chosen on LISC
-(--skip-choose: adapt.py's defaults), and the model that never saw PBC:
+Writes training/experiments/results/adaptation.json (--json). The statistics mix adapt.py uses was chosen on both
+labs' validation cells at k = 5 (each with the model that never saw it; results/adaptation_choose_{lisc,pbc}.json):
 
+    python training/experiments/measure_adaptation.py --lab pbc --base /tmp/lolo/pbc/blood_cell_model.h5 \
+        --ks 5 --seeds 3 --mixes 0.5,0.625,0.75 --l2s 1e-5 --served-views 8 --command-ks "" \
+        --json training/experiments/results/adaptation_choose_pbc.json
+
+and adapt.py's defaults then measured on each lab's test cells (the README's table):
+
+    python training/experiments/measure_adaptation.py --lab lisc --skip-choose --ks 1,5,20 --seeds 3 \
+        --command-ks 5,20 --base /tmp/lolo/lisc/blood_cell_model.h5 --noncell-dir /tmp/hv_noncell \
+        --json training/experiments/results/adaptation_lisc.json
     python training/experiments/measure_adaptation.py --lab pbc --skip-choose --ks 1,5,20 --seeds 2 \
-        --command-ks 5 --base /tmp/hv/lolo_pbc/blood_cell_model.h5 \
+        --command-ks 5 --base /tmp/lolo/pbc/blood_cell_model.h5 \
         --json training/experiments/results/adaptation_pbc.json
 
 PBC's split is the committed one (training/splits/pbc_split.csv), each image its own "cell". --threads limits
