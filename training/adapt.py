@@ -12,9 +12,9 @@ result with the same pages and API:
 
 Without labels, `--unlabelled DIR` (any folder of the lab's images) adapts the statistics alone; it may be given
 with --data-dir too (statistics from both, the classifier from the labelled images). Measured with 5 and 20
-images per class: 20 s and 26 s on this 2-core CPU, end to end.
+images per class: 21 s and 27 s on this 2-core CPU, end to end.
 
-What adapts, chosen on LISC validation cells with a model that never saw LISC (never its test cells;
+What adapts, chosen on validation cells of labs the base model never saw (never their test cells;
 training/experiments/measure_adaptation.py). A first grid (statistics mix 0 / 0.5 / 0.75 / 1 x L2 1e-6 ... 1e-3 x
 served views 1 / 8, k = 1, 5, 20 cells per class, 3 draws each) chose the form below; a second one on the current
 leave-one-lab-out model (mix 0.5 / 0.75 / 1 x L2 1e-5 / 1e-4, 8 views; results/adaptation.json) narrowed the mix

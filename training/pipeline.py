@@ -24,6 +24,12 @@ def export(model, path: Path, metadata: dict) -> None:
     write_tflite(path, convert_keras_model(with_features(model)), sha256_of(path))
 
 
+def validation_scores(model, val: dict) -> dict:
+    """{lab: accuracy} of a Keras model on each lab's validation crops {lab: (crops, targets)}."""
+    return {lab: float((model.predict(x, batch_size=64, verbose=0).argmax(1) == y).mean())
+            for lab, (x, y) in val.items() if len(y)}
+
+
 def outputs(classifier, crops: np.ndarray, *, one_view_seed: int | None = None, batch_size: int = 64):
     """The model's own probabilities and pooled features of each crop. With `one_view_seed` each crop is seen
     in one of its 8 flips/quarter-turns, picked with that seed (every orientation is a valid cell)."""

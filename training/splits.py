@@ -41,6 +41,15 @@ class Rows:
         return Rows(self.lab, [self.paths[i] for i in keep], [self.targets[i] for i in keep],
                     [self.groups[i] for i in keep])
 
+    def per_group(self, cap: int, seed: int) -> Rows:
+        """At most `cap` files of each group (Kaggle's augmented copies of one photo add little after a few)."""
+        if not cap:
+            return self
+        rng = np.random.default_rng(seed)
+        groups = np.asarray(self.groups)
+        keep = [int(i) for g in np.unique(groups) for i in rng.permutation(np.flatnonzero(groups == g))[:cap]]
+        return self.subset(sorted(keep))
+
     def limit(self, per_class: int, seed: int) -> Rows:
         """At most `per_class` files of each class, whole groups first (smoke runs)."""
         if not per_class:

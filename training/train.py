@@ -149,16 +149,6 @@ class Progress:
 # --- 1. data -----------------------------------------------------------------------------------------------
 
 
-def per_photo(rows: splits.Rows, cap: int, seed: int) -> splits.Rows:
-    """At most `cap` files of each group (Kaggle's augmented copies of one photo add little after a few)."""
-    if not cap:
-        return rows
-    rng = np.random.default_rng(seed)
-    groups = np.asarray(rows.groups)
-    keep = [int(i) for g in np.unique(groups) for i in rng.permutation(np.flatnonzero(groups == g))[:cap]]
-    return rows.subset(sorted(keep))
-
-
 def gather(args, cache_dir: Path, progress: Progress) -> dict:
     """{split: {lab: CropSet}} for train / validation / test."""
     from training.cropsets import load_crops
@@ -175,7 +165,7 @@ def gather(args, cache_dir: Path, progress: Progress) -> dict:
                 kwargs["include_unknown"] = True
             rows = splits.lab_rows(lab, args.data_root, config.LABELS, split, **kwargs)
             if lab == "kaggle" and split != "test":
-                rows = per_photo(rows, args.kaggle_per_photo, args.seed)
+                rows = rows.per_group(args.kaggle_per_photo, args.seed)
             rows = rows.limit(args.limit, args.seed)
             crops = load_crops(rows, workers=args.workers or None, cache_dir=cache_dir, desc=f"{lab} {split}")
             sets[split][lab] = crops
@@ -278,23 +268,21 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
     return Batches()
 
 
-def validation_scores(model, val: dict) -> dict:
-    """{lab: accuracy} on each lab's validation crops {lab: (crops, targets)}."""
-    return {lab: float((model.predict(x, batch_size=64, verbose=0).argmax(1) == y).mean())
-            for lab, (x, y) in val.items() if len(y)}
-
-
 class EpochEnd:
     """After each epoch: validation accuracy per lab, the best weights so far, a checkpoint, a progress line."""
 
-    def __init__(self, model, val: dict, checkpoint: Path, state: dict, progress: Progress, total_epochs: int):
+    def __init__(self, model, val: dict, checkpoint: Path, state: dict, progress: Progress, total_epochs: int,
+                 keep_epochs: bool = False):
         self.model, self.checkpoint, self.state, self.progress = model, checkpoint, state, progress
+        self.keep_epochs = keep_epochs  # every fine-tuning epoch's weights, for --average / --keep-checkpoint
         # At 224, the size the model is served at, whatever size it trains at: the epochs are compared as served.
         self.val = {lab: (c.crops, c.targets) for lab, c in val.items()}
         self.total_epochs = total_epochs
         self.epoch_started = time.time()
 
     def __call__(self, phase: str, epoch: int, logs: dict) -> None:
+        from training.pipeline import validation_scores
+
         scores = validation_scores(self.model, self.val)
         mean = float(np.mean(list(scores.values()))) if scores else 0.0
         history = self.state.setdefault("history", [])
@@ -305,7 +293,7 @@ class EpochEnd:
             self.state.update(best_val_mean=mean, best={"phase": phase, "epoch": epoch})
             self.model.save_weights(self.checkpoint / "best.weights.h5")
         self.model.save_weights(self.checkpoint / "last.weights.h5")
-        if phase != "head":  # kept for --average
+        if self.keep_epochs and phase != "head":
             self.model.save_weights(self.checkpoint / f"{phase}_{epoch}.weights.h5")
         self.state["done"] = [*self.state.get("done", []), f"{phase}:{epoch}"]
         (self.checkpoint / "state.json").write_text(json.dumps(self.state, indent=2), encoding="utf-8")
@@ -355,7 +343,8 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
                           metrics=["accuracy"])
             if start:  # resumed: the schedule continues where it stopped (the Adam moments start again)
                 model.optimizer.iterations.assign(start * steps_per_epoch)
-            end = EpochEnd(model, val, checkpoint, state, progress, total)
+            end = EpochEnd(model, val, checkpoint, state, progress, total,
+                           keep_epochs=args.average > 1 or args.keep_checkpoint)
             callback = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs, p=phase, f=end: f(p, e + 1, logs))
             progress.say(f"{phase}: {size} px, epochs {start + 1}-{epochs}, {steps_per_epoch} steps of "
                          f"{args.batch_size}, {'head only' if phase == 'head' else 'from ' + args.fine_tune_from}")
@@ -374,6 +363,8 @@ def average_last_epochs(model, n: int, checkpoint: Path, val: dict, state: dict,
     """Replace `model`'s weights by the mean of the last `n` fine-tuning epochs' weights when that mean scores at
     least the best single epoch's mean validation accuracy. Batch norm is frozen (ImageNet statistics), so
     averaged weights need no new statistics. Records the comparison in state["average"]."""
+    from training.pipeline import validation_scores
+
     names = [f"{h['phase']}_{h['epoch']}" for h in state["history"] if h["phase"] != "head"][-n:]
     best = [w.copy() for w in model.get_weights()]
     total = None
@@ -550,8 +541,11 @@ def settings_of(args) -> dict:
 
 def describe(args, argv, sets: dict, state: dict, device: str) -> dict:
     """The metadata that travels with the weights."""
-    average = {"phase": "average", "epoch": (state.get("average") or {}).get("epochs"),
-               "val_accuracy": (state.get("average") or {}).get("val_accuracy")}
+    if (state.get("best") or {}).get("phase") == "average":
+        kept_scores = state["average"]["val_accuracy"]
+    else:
+        kept_scores = next((h["val_accuracy"] for h in state.get("history", [])
+                            if {"phase": h["phase"], "epoch": h["epoch"]} == state.get("best")), {})
     counts = {split: {lab: {"files": len(c.rows), "cells_found": int(c.found.sum())} for lab, c in by_lab.items()}
               for split, by_lab in sets.items()}
     return {
@@ -585,8 +579,7 @@ def describe(args, argv, sets: dict, state: dict, device: str) -> dict:
         },
         "versions": library_versions(),
         "validation": {"mean_accuracy": state.get("best_val_mean"),
-                       "by_lab": next((h["val_accuracy"] for h in [*state.get("history", []), average]
-                                       if {"phase": h["phase"], "epoch": h["epoch"]} == state.get("best")), {})},
+                       "by_lab": kept_scores},
         "evaluation": {},
     }
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training import train
+from training import config, splits
+from training.cropsets import load_crops
+from training.pipeline import validation_scores
 
 
 def main(argv=None) -> int:
@@ -32,16 +34,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from hematovision.network import build_model
-    from training import config
 
     state = json.loads((args.checkpoint / "state.json").read_text(encoding="utf-8"))
     settings = state["settings"]
-    run_args = train.parse_args(["--data-root", str(args.data_root), "--out", "unused.h5",
-                                 "--labs", ",".join(settings["labs"]), "--seed", str(settings["seed"]),
-                                 "--val-fraction", str(settings["val_fraction"]),
-                                 "--kaggle-per-photo", str(settings["kaggle_per_photo"])])
-    sets = train.gather(run_args, args.crop_cache or args.checkpoint / "crops", train.Progress(0.0))
-    val = {lab: (c.crops, c.targets) for lab, c in sets["validation"].items()}
+    val = {}
+    for lab in settings["labs"]:  # the validation rows exactly as train.py's gather() takes them
+        kwargs = {"val_fraction": settings["val_fraction"], "seed": settings["seed"]} if lab == "kaggle" else {}
+        rows = splits.lab_rows(lab, args.data_root, config.LABELS, "validation", **kwargs)
+        if lab == "kaggle":
+            rows = rows.per_group(settings["kaggle_per_photo"], settings["seed"])
+        crops = load_crops(rows.limit(settings["limit"], settings["seed"]),
+                           cache_dir=args.crop_cache or args.checkpoint / "crops", desc=f"{lab} validation")
+        val[lab] = (crops.crops, crops.targets)
     names = [f"{h['phase']}_{h['epoch']}" for h in state["history"] if h["phase"] != "head"]
     model = build_model(len(config.LABELS), weights=None, dropout=settings["dropout"])
     weights = {}
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
 
     def score(members: list[str]) -> dict:
         model.set_weights([np.mean(parts, axis=0) for parts in zip(*(weights[m] for m in members), strict=True)])
-        scores = train.validation_scores(model, val)
+        scores = validation_scores(model, val)
         return {"members": members, "val_accuracy": scores, "val_mean": float(np.mean(list(scores.values())))}
 
     result: dict = {"checkpoint": args.checkpoint.name, "settings": settings, "single": {}, "runs": {}}
