@@ -5,14 +5,19 @@ Free of Flask and of Keras (numpy only), so the app, the API, evaluate.py and th
 - **Temperature scaling.** The model outputs softmax probabilities (averaged over the test-time views); the
   calibrated answer is softmax(log(p) / T), the same as dividing the logits by T. T may grow with the image's
   distance to the training cells (`Temperature`). It is fitted on validation data only
-  (training/fit_abstention.py) and stored in the model's metadata under `calibration`.
+  (training/pipeline.py, in the calibrate step of training/train.py and in training/adapt.py) and stored in the
+  model's metadata under `calibration`.
 - **Abstention.** An image is answered "uncertain" when its calibrated top probability is below `min_probability`
   (reason `low_confidence`), or when its pooled penultimate features are far from every class of the training
   cells (reason `unlike_training_cells`): the smallest Mahalanobis distance to a class mean, with one shared
   covariance, over the principal directions in which the training cells vary least (an unfamiliar image departs
   from the training cells mostly there; the high-variance directions carry the class differences and measured
   worse). The parameters live in `<model>_ood.npz` next to the model, the thresholds in the metadata under
-  `abstention`; both are fitted by training/fit_abstention.py.
+  `abstention`; both are fitted by training/pipeline.py.
+- **Other cell types.** A white cell of a type the model does not classify (a basophil) is still a white cell, and
+  often near a known class. Where a training lab has labelled cells of such types, a linear score on the pooled
+  features (logistic regression: other types against the four) flags them (reason `other_cell_type`), with a
+  threshold that flags at most a small share of each lab's known validation cells (`OtherTypes`).
 """
 
 from __future__ import annotations
@@ -28,12 +33,16 @@ log = logging.getLogger(__name__)
 
 LOW_CONFIDENCE = "low_confidence"
 UNLIKE_TRAINING = "unlike_training_cells"
+OTHER_TYPE = "other_cell_type"
 REASONS = {
     UNLIKE_TRAINING: "The image does not look like the white-cell images the model learned from. It may not be a "
     "white-cell image at all, or it comes from another microscope or stain.",
+    OTHER_TYPE: "The cell looks like a white cell of a type the model does not classify, such as a basophil: it "
+    "only tells eosinophils, lymphocytes, monocytes and neutrophils apart.",
     LOW_CONFIDENCE: "The model cannot decide between the cell types for this image: its top probability is low.",
 }
-REASON_SHORT = {UNLIKE_TRAINING: "not like any training cell", LOW_CONFIDENCE: "low confidence"}
+REASON_SHORT = {UNLIKE_TRAINING: "not like any training cell", OTHER_TYPE: "another type of white cell",
+                LOW_CONFIDENCE: "low confidence"}
 ECE_BINS = 15
 
 
@@ -181,10 +190,7 @@ class FeatureDensity:
         return int(self.projection.shape[0])
 
     def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, projection=self.projection.astype(np.float16),
-                            class_means=self.class_means.astype(np.float32))
-        return buffer.getvalue()
+        return rule_arrays(self, None)
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureDensity:
@@ -217,6 +223,70 @@ def fit_feature_density(features: np.ndarray, targets: np.ndarray, components: i
                           class_means=(means @ projection.astype(np.float64)).astype(np.float32))
 
 
+# --- white cells of other types ---------------------------------------------------------------------
+
+
+OTHER_TYPES_REGULARISATION = 0.4  # logistic regression's C on standardised features; chosen on LISC validation
+
+
+@dataclass(frozen=True)
+class OtherTypes:
+    """A linear score on the pooled features: high for white cells of types the model does not classify (those
+    of its training labs, e.g. LISC's basophils), low for the four it does. score = features @ weights + bias."""
+
+    weights: np.ndarray  # (D,) float32
+    bias: float
+    types: tuple[str, ...] = ()
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        # einsum, not `@`: see FeatureDensity.distances (OpenBLAS threads against the TFLite interpreter)
+        return np.einsum("nd,d->n", np.asarray(features, dtype=np.float32),
+                         np.asarray(self.weights, np.float32)).astype(np.float64) + self.bias
+
+    @property
+    def feature_size(self) -> int:
+        return int(self.weights.shape[0])
+
+
+def fit_other_types(known: np.ndarray, other: np.ndarray, types=(),
+                    regularisation: float = OTHER_TYPES_REGULARISATION) -> OtherTypes:
+    """Logistic regression of `other` (features of cells of other types) against `known` (the four types), on
+    standardised features with balanced class weights; the standardisation is folded into the weights."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.concatenate([known, other]).astype(np.float64)
+    y = np.concatenate([np.zeros(len(known), int), np.ones(len(other), int)])
+    scaler = StandardScaler().fit(x)
+    fitted = LogisticRegression(C=regularisation, class_weight="balanced", max_iter=5000).fit(scaler.transform(x), y)
+    weights = fitted.coef_[0] / scaler.scale_
+    bias = float(fitted.intercept_[0] - (scaler.mean_ * weights).sum())
+    return OtherTypes(weights=weights.astype(np.float32), bias=bias, types=tuple(types))
+
+
+def rule_arrays(density: FeatureDensity | None, other: OtherTypes | None) -> bytes:
+    """The `<model>_ood.npz` bytes: the feature density, and the other-type score when there is one."""
+    buffer = io.BytesIO()
+    arrays = {}
+    if density is not None:
+        arrays.update(projection=density.projection.astype(np.float16),
+                      class_means=density.class_means.astype(np.float32))
+    if other is not None:
+        arrays.update(other_weights=np.asarray(other.weights, np.float32),
+                      other_bias=np.array(other.bias, np.float64))
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def load_other_types(path: str | Path, types=()) -> OtherTypes | None:
+    """The other-type score stored in a `<model>_ood.npz`; None when the file holds none."""
+    with np.load(path, allow_pickle=False) as data:
+        if "other_weights" not in data:
+            return None
+        return OtherTypes(weights=np.asarray(data["other_weights"], np.float32), bias=float(data["other_bias"]),
+                          types=tuple(types))
+
+
 # --- the decision ------------------------------------------------------------------------------------
 
 
@@ -227,27 +297,42 @@ class AbstentionRule:
     min_probability: float | None = None
     max_distance: float | None = None
     density: FeatureDensity | None = None
+    other: OtherTypes | None = None
+    max_other_score: float | None = None
 
     @property
     def tests_distance(self) -> bool:
         """Whether the "not like any training cell" test applies (a fitted density and its threshold)."""
         return self.density is not None and self.max_distance is not None
 
+    @property
+    def tests_other(self) -> bool:
+        """Whether the "another type of white cell" test applies (a fitted score and its threshold)."""
+        return self.other is not None and self.max_other_score is not None
+
     def distances(self, features: np.ndarray | None) -> np.ndarray | None:
         if self.density is None or features is None:
             return None
         return self.density.distances(features)
 
+    def other_scores(self, features: np.ndarray | None) -> np.ndarray | None:
+        if self.other is None or features is None:
+            return None
+        return self.other.scores(features)
+
     def decide(self, probabilities: np.ndarray, distances: np.ndarray | None,
-               min_probability: float | None = None) -> list[str | None]:
-        """One reason per row (None: answer the top class). Being unlike every training cell outranks low
-        confidence: it says more about the image. `min_probability` overrides the rule's own."""
+               min_probability: float | None = None, other_scores: np.ndarray | None = None) -> list[str | None]:
+        """One reason per row (None: answer the top class). Being unlike every training cell outranks the rest: it
+        says most about the image; a cell of another type outranks low confidence. `min_probability` overrides
+        the rule's own."""
         threshold = self.min_probability if min_probability is None else min_probability
         top = np.asarray(probabilities).max(axis=1)
         reasons: list[str | None] = [None] * len(top)
         for i, p in enumerate(top):
             if distances is not None and self.tests_distance and distances[i] > self.max_distance:
                 reasons[i] = UNLIKE_TRAINING
+            elif other_scores is not None and self.tests_other and other_scores[i] > self.max_other_score:
+                reasons[i] = OTHER_TYPE
             elif threshold is not None and p < threshold:
                 reasons[i] = LOW_CONFIDENCE
         return reasons

@@ -47,7 +47,7 @@ class CellResult:
     probabilities: dict[str, float]
     label: str
     uncertain: bool = False
-    reason: str | None = None  # why it is uncertain: hematovision.abstention.LOW_CONFIDENCE or UNLIKE_TRAINING
+    reason: str | None = None  # why it is uncertain: a reason of hematovision.abstention (e.g. LOW_CONFIDENCE)
     field_index: int | None = None  # its index in the Field it came from: its crop is that Field's crops[field_index]
 
     @property

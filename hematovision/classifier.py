@@ -1,7 +1,8 @@
 """Load the shipped model and its metadata once, and classify model-input arrays fast.
 
 The model's answer is calibrated (temperature scaling) and may be "uncertain" (hematovision.abstention): both
-are fitted by training/fit_abstention.py and travel with the model, in its metadata JSON and `<model>_ood.npz`.
+are fitted by training/train.py (or training/adapt.py) and travel with the model, in its metadata JSON and
+`<model>_ood.npz`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hematovision import fast_runtime
-from hematovision.abstention import AbstentionRule, FeatureDensity, Temperature
+from hematovision.abstention import AbstentionRule, FeatureDensity, Temperature, load_other_types
 from hematovision.fast_runtime import sha256_of, with_features
 from hematovision.imaging import IMAGE_SIZE
 
@@ -41,13 +42,14 @@ def abstention_path_for(model_path: str | Path) -> Path:
 @dataclass
 class Assessment:
     """The model's answer for a batch: calibrated probabilities, and per image why it is "uncertain" (None: it
-    is not; else hematovision.abstention.LOW_CONFIDENCE or UNLIKE_TRAINING)."""
+    is not; else hematovision.abstention.LOW_CONFIDENCE, OTHER_TYPE or UNLIKE_TRAINING)."""
 
     probabilities: np.ndarray  # (N, classes), calibrated
     raw: np.ndarray  # (N, classes), the network's own, before the temperature
     features: np.ndarray | None  # (N, D) pooled penultimate features, mean over the test-time views
     distances: np.ndarray | None  # (N,) Mahalanobis distance to the nearest training class, when fitted
     reasons: list[str | None]
+    other_scores: np.ndarray | None = None  # (N,) how much each looks like a white cell of another type, when fitted
 
     @property
     def uncertain(self) -> np.ndarray:
@@ -113,10 +115,11 @@ class Classifier:
         overrides the fitted low-confidence threshold (e.g. the app's UNCERTAIN_BELOW setting)."""
         raw, features = self.run(batch)
         distances = self.rule.distances(features)
+        other_scores = self.rule.other_scores(features)
         probabilities = self.calibration.apply(raw, distances)
-        reasons = self.rule.decide(probabilities, distances, min_probability)
+        reasons = self.rule.decide(probabilities, distances, min_probability, other_scores)
         return Assessment(probabilities=probabilities, raw=raw, features=features, distances=distances,
-                          reasons=reasons)
+                          reasons=reasons, other_scores=other_scores)
 
     def min_probability(self, override: float | None = None) -> float:
         """The low-confidence threshold in use: `override` when given, else the fitted one (or the default)."""
@@ -220,30 +223,37 @@ def read_calibration(metadata: dict, model_path: Path, model_sha: str) -> tuple[
     log = logging.getLogger(__name__)
     if calibration:
         if calibration.get("model_sha256") not in (None, model_sha):
-            log.warning("Ignoring the calibration in %s: it was fitted on another %s (run training/fit_abstention.py)",
-                        metadata_path_for(model_path).name, model_path.name)
+            log.warning("Ignoring the calibration in %s: it was fitted on another %s (retrain it with "
+                        "training/train.py)", metadata_path_for(model_path).name, model_path.name)
         else:
             temperature = Temperature(base=float(calibration["temperature"]),
                                       slope=float(calibration.get("distance_slope", 0.0)),
                                       centre=float(calibration.get("distance_centre", 0.0)))
     if abstention:
         if abstention.get("model_sha256") not in (None, model_sha):
-            log.warning("Ignoring the abstention rule in %s: it was fitted on another %s (run "
-                        "training/fit_abstention.py)", metadata_path_for(model_path).name, model_path.name)
+            log.warning("Ignoring the abstention rule in %s: it was fitted on another %s (retrain it "
+                        "with training/train.py)", metadata_path_for(model_path).name, model_path.name)
             return temperature, rule
-        density = None
+        density = other = None
+        other_types = abstention.get("other_types") or {}
         if abstention.get("file"):
             density_path = model_path.parent / Path(abstention["file"]).name
             try:
                 density = FeatureDensity.load(density_path)
+                if other_types:
+                    other = load_other_types(density_path, other_types.get("types", ()))
+                    if other is None:
+                        raise KeyError("other_weights")
             except (OSError, ValueError, KeyError) as exc:
                 raise ModelLoadError(f"The abstention parameters {density_path} are missing or unreadable: {exc}. "
-                                     "Run training/fit_abstention.py again, or remove 'abstention' from the "
+                                     "Retrain it with training/train.py, or remove 'abstention' from the "
                                      "metadata.") from exc
         rule = AbstentionRule(
             min_probability=abstention.get("min_probability"),
             max_distance=abstention.get("max_distance") if density is not None else None,
             density=density,
+            other=other,
+            max_other_score=other_types.get("max_score") if other is not None else None,
         )
     return temperature, rule
 

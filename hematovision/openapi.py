@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hematovision.abstention import LOW_CONFIDENCE, UNLIKE_TRAINING
+from hematovision.abstention import LOW_CONFIDENCE, OTHER_TYPE, UNLIKE_TRAINING
 from hematovision.batch import MAX_CELLS_PER_IMAGE, NO_WHITE_CELL
 
 
@@ -33,7 +33,8 @@ def build_openapi(labels: list[str], max_files: int, max_cells: int = MAX_CELLS_
                 "Probabilities are calibrated (temperature scaling fitted on validation data). `uncertain` is true "
                 "when the answer is \"uncertain / not a white blood cell\" rather than `label`, and `reason` says "
                 "why: `unlike_training_cells` when the cell's features are far from every kind of training cell "
-                "(it may not be a white cell, or comes from another microscope or stain), `low_confidence` when "
+                "(it may not be a white cell, or comes from another microscope or stain), `other_cell_type` when it "
+                "looks like a white cell of a type the model does not classify (a basophil), `low_confidence` when "
                 "the top probability is below the model's fitted threshold (or the server's UNCERTAIN_BELOW "
                 "setting). `label` is then only the model's forced choice among its classes. Neither test is "
                 "perfect: see the model card."
@@ -148,7 +149,7 @@ def build_openapi(labels: list[str], max_files: int, max_cells: int = MAX_CELLS_
                         "uncertain": {"type": "boolean", "description": "The primary cell's; true with no cell"},
                         "reason": {
                             "type": ["string", "null"],
-                            "enum": [UNLIKE_TRAINING, LOW_CONFIDENCE, NO_WHITE_CELL, None],
+                            "enum": [UNLIKE_TRAINING, OTHER_TYPE, LOW_CONFIDENCE, NO_WHITE_CELL, None],
                             "description": "Why the answer is uncertain; null when it is not",
                         },
                         "primary": {
@@ -185,7 +186,7 @@ def build_openapi(labels: list[str], max_files: int, max_cells: int = MAX_CELLS_
                         "uncertain": {"type": "boolean"},
                         "reason": {
                             "type": ["string", "null"],
-                            "enum": [UNLIKE_TRAINING, LOW_CONFIDENCE, None],
+                            "enum": [UNLIKE_TRAINING, OTHER_TYPE, LOW_CONFIDENCE, None],
                             "description": "Why this cell's answer is uncertain; null when it is not",
                         },
                     },

@@ -64,6 +64,7 @@ def model_card():
         temperature=classifier.temperature,
         temperature_slope=classifier.calibration.slope,
         distance_rule=classifier.rule.tests_distance,
+        other_types=list(classifier.rule.other.types) if classifier.rule.tests_other else [],
         bands=web.probability_bands(),
         min_cells_to_compare=web.MIN_CELLS_TO_COMPARE,
     )

@@ -17,6 +17,7 @@ from app import create_app
 from hematovision import abstention
 from hematovision.abstention import (
     LOW_CONFIDENCE,
+    OTHER_TYPE,
     UNLIKE_TRAINING,
     AbstentionRule,
     FeatureDensity,
@@ -25,8 +26,11 @@ from hematovision.abstention import (
     expected_calibration_error,
     fit_distance_temperature,
     fit_feature_density,
+    fit_other_types,
     fit_temperature,
+    load_other_types,
     negative_log_likelihood,
+    rule_arrays,
     threshold_for_rate,
 )
 from hematovision.classifier import abstention_path_for, load_classifier, metadata_path_for
@@ -161,6 +165,41 @@ def test_decision_rule_on_hand_made_features():
     # Without a fitted density only the probability counts (0.6 is not below 0.6).
     assert AbstentionRule(min_probability=0.6).decide(probs, None) == [None, LOW_CONFIDENCE, None, None,
                                                                        LOW_CONFIDENCE]
+
+
+def test_other_type_score_separates_the_types_it_learned_and_round_trips(tmp_path):
+    known, targets = two_clusters()
+    rng = np.random.default_rng(3)
+    other = np.array([2.5, 3.0, 0.0]) + rng.normal(0, [1.0, 1.0, 0.1], (120, 3))  # a third kind, between the two
+    score = fit_other_types(known, other, types=("BASOPHIL",))
+    probe_known, _ = two_clusters(n=50, seed=7)
+    probe_other = np.array([2.5, 3.0, 0.0]) + rng.normal(0, [1.0, 1.0, 0.1], (50, 3))
+    assert np.median(score.scores(probe_other)) > 0 > np.median(score.scores(probe_known))
+    assert (score.scores(probe_other) > np.percentile(score.scores(probe_known), 99)).mean() > 0.8
+    density = fit_feature_density(known, targets, components=3)
+    path = tmp_path / "ood.npz"
+    path.write_bytes(rule_arrays(density, score))
+    loaded = load_other_types(path, ("BASOPHIL",))
+    assert loaded.types == ("BASOPHIL",) and loaded.bias == score.bias
+    np.testing.assert_array_equal(loaded.scores(probe_other), score.scores(probe_other))
+    np.testing.assert_array_equal(FeatureDensity.load(path).distances(probe_known), density.distances(probe_known))
+    path.write_bytes(density.to_bytes())  # a rule without the other-type test
+    assert load_other_types(path) is None
+
+
+def test_decision_order_unlike_then_other_type_then_low_confidence():
+    features, targets = two_clusters()
+    rule = AbstentionRule(min_probability=0.5, max_distance=4.0,
+                          density=fit_feature_density(features, targets, components=3),
+                          other=fit_other_types(features, features[:10] + [0, 3, 0]), max_other_score=1.0)
+    probs = np.array([[0.4, 0.35], [0.4, 0.35], [0.4, 0.35], [0.9, 0.1]])
+    distances = np.array([5.0, 1.0, 1.0, 1.0])
+    other_scores = np.array([2.0, 2.0, 0.0, 0.0])
+    assert rule.decide(probs, distances, other_scores=other_scores) == [UNLIKE_TRAINING, OTHER_TYPE,
+                                                                         LOW_CONFIDENCE, None]
+    # Without scores (or without a threshold) the test is off.
+    assert rule.decide(probs, distances) == [UNLIKE_TRAINING, LOW_CONFIDENCE, LOW_CONFIDENCE, None]
+    assert not AbstentionRule(other=rule.other).tests_other
 
 
 def test_threshold_flags_at_most_the_rate():
@@ -325,3 +364,55 @@ def test_abstention_module_has_no_web_or_keras_imports():
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
     assert not imported & {"flask", "werkzeug", "keras", "tensorflow"}
+
+
+def purple_cells(n: int, seed: int) -> np.ndarray:
+    """Stand-ins for a fifth type the model does not classify: another colour family, textured like cell_like's."""
+    rng = np.random.default_rng(seed)
+    return np.clip(np.array([150.0, 60.0, 200.0]) + rng.normal(0, 25, (n, 224, 224, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def other_type_model(tiny_model_path, tmp_path_factory):
+    """The tiny model with the other-type test fitted by training/pipeline.py on made-up cells of a fifth type
+    (and the distance test left off, so that the other-type test is what answers)."""
+    path = tmp_path_factory.mktemp("other") / "model.h5"
+    shutil.copy(tiny_model_path, path)
+    shutil.copy(tiny_model_path.with_suffix(".json"), path.with_suffix(".json"))
+    classifier = load_classifier(path)
+    (x_train, y_train), (x_val, y_val) = cell_like(30, seed=1), cell_like(15, seed=2)
+    _, train_features = classifier.run(x_train)
+    val_raw, val_features = classifier.run(x_val)
+    fitted = pipeline.fit_calibration(
+        train_features, y_train, val_raw, y_val, val_features, np.array(["lisc"] * len(y_val)),
+        distance_rate=0.0, confidence_rate=0.0, other_rate=0.0, other_types=("BASOPHIL",),
+        other_train=classifier.run(purple_cells(30, seed=1))[1],
+        other_validation=classifier.run(purple_cells(10, seed=2))[1])
+    fitted["min_probability"], fitted["max_distance"] = 0.0, None
+    pipeline.write_calibration(path, fitted, {"validation_data": "made-up validation cells",
+                                              "training_data": "made-up training cells", "rates": "none flagged",
+                                              "other_data": "made-up purple cells"})
+    return path
+
+
+def test_other_type_test_travels_with_the_model_and_answers(other_type_model):
+    metadata = json.loads(metadata_path_for(other_type_model).read_text())
+    other = metadata["abstention"]["other_types"]
+    assert other["types"] == ["BASOPHIL"] and other["validation_n"] == 10 and other["fitted_on"]
+    assert metadata["abstention"]["validation"]["all"]["flag_rate_other_type"] == 0.0  # rate 0: no known cell
+    classifier = load_classifier(other_type_model)
+    assert classifier.rule.tests_other and not classifier.rule.tests_distance
+    assert classifier.rule.max_other_score == other["max_score"]
+    answer = classifier.assess(purple_cells(10, seed=3))
+    assert answer.reasons.count(OTHER_TYPE) >= 8
+    assert (answer.other_scores > classifier.rule.max_other_score).sum() == answer.reasons.count(OTHER_TYPE)
+    known, _ = cell_like(10, seed=3)
+    assert classifier.assess(known).uncertain.mean() <= 0.1
+
+
+def test_model_card_says_which_types_it_flags(other_type_model, tiny_model_path):
+    page = create_app({"TESTING": True, "MODEL_PATH": str(other_type_model)}).test_client().get("/model")
+    text = " ".join(html.unescape(page.get_data(as_text=True)).split())
+    assert page.status_code == 200 and "a type the model does not classify (basophil)" in text
+    plain = create_app({"TESTING": True, "MODEL_PATH": str(tiny_model_path)}).test_client().get("/model")
+    assert "does not classify (basophil)" not in plain.get_data(as_text=True)

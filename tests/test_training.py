@@ -148,6 +148,10 @@ def test_one_command_trains_exports_calibrates_and_evaluates(tmp_path):
     npz = metadata["abstention"]["file"]
     assert (npz is None) == (metadata["abstention"]["max_distance"] is None)
     assert npz is None or (out.parent / npz).is_file()
+    # LISC's basophils are never trained on: they teach the "another type of white cell" test, beside the density.
+    assert metadata["training"]["data"]["other_types"]["train"]["files"] == 3
+    other = metadata["abstention"]["other_types"]
+    assert (other is None) == (npz is None) and (other is None or other["types"] == ["BASOPHIL"])
     # The figures are what the served model really answers on the held-out crops.
     classifier = load_classifier(out)
     test = splits.kaggle_folder(root / config.KAGGLE_TEST, LABELS, None)

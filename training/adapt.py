@@ -37,7 +37,8 @@ the command refuses) LISC validation prefers 0.5 (0.837 against 0.761).
    adaptation's accuracy and the probabilities a temperature is fitted on (not below 1: a sharper one would be
    fitted to luck); the low-confidence threshold stays the base's; the distance rule keeps the base's principal
    directions and class means with the lab's class means added, its threshold the larger of the base's and the
-   given images' leave-one-out distances.
+   given images' leave-one-out distances. The base's test for white cells of other types (basophils) is not
+   carried over: it was fitted on the base's features, which the lab's statistics move.
 Tried on LISC validation cells and not taken: fine-tuning blocks 13-16 and Conv_1 after 1-3 (leave-one-out-lab
 model, k = 5, 4 draws, 20 epochs: 0.978 at learning rate 3e-5, as without it; 0.958 at 1e-4); with the earlier
 whole-frame model, the classifier fitted on each image alone instead of its 8 views (k = 5: 0.86 against 0.91),

@@ -53,9 +53,13 @@ def outputs(classifier, crops: np.ndarray, *, one_view_seed: int | None = None, 
 
 def fit_calibration(train_features, train_targets, val_raw, val_targets, val_features, val_domains, *,
                     components: int = 512, distance_rate: float = 0.005, confidence_rate: float = 0.005,
-                    calibration: str = "distance") -> dict:
+                    calibration: str = "distance", other_train: np.ndarray | None = None,
+                    other_validation: np.ndarray | None = None, other_types=(), other_rate: float = 0.005) -> dict:
     """Density of the training cells' features, temperature and thresholds, fitted on validation only.
-    The thresholds let at most `distance_rate` / `confidence_rate` of each validation lab be flagged."""
+    The thresholds let at most `distance_rate` / `confidence_rate` / `other_rate` of each validation lab be flagged.
+    `other_train`: features of training cells of types the model does not classify (`other_types`, e.g.
+    BASOPHIL); with them, a score for such cells is fitted too (abstention.fit_other_types), and `other_validation`
+    (the same types' validation cells) is only measured: the share of them flagged."""
     from hematovision import abstention
 
     components = min(components, train_features.shape[1], max(1, len(train_targets) - len(set(train_targets))))
@@ -73,8 +77,14 @@ def fit_calibration(train_features, train_targets, val_raw, val_targets, val_fea
                     if distances is not None else None)
     min_probability = min(abstention.threshold_for_rate(top[val_domains == d], confidence_rate, upper=False)
                           for d in domains)
-    rule = abstention.AbstentionRule(min_probability=min_probability, max_distance=max_distance, density=density)
-    flagged = np.array([r is not None for r in rule.decide(calibrated, distances)])
+    other = max_other = other_scores = None
+    if other_train is not None and len(other_train) and density is not None:
+        other = abstention.fit_other_types(train_features, other_train, other_types)
+        other_scores = other.scores(val_features)
+        max_other = max(abstention.threshold_for_rate(other_scores[val_domains == d], other_rate) for d in domains)
+    rule = abstention.AbstentionRule(min_probability=min_probability, max_distance=max_distance, density=density,
+                                     other=other, max_other_score=max_other)
+    flagged = np.array([r is not None for r in rule.decide(calibrated, distances, other_scores=other_scores)])
     figures = {"n": int(len(val_targets))}
     for name, members in [("all", np.ones(len(val_targets), bool))] + [(d, val_domains == d) for d in domains]:
         y, raw, cal = val_targets[members], val_raw[members], calibrated[members]
@@ -88,23 +98,28 @@ def fit_calibration(train_features, train_targets, val_raw, val_targets, val_fea
             "flag_rate": float(flagged[members].mean()),
             "flag_rate_distance": float((distances[members] > max_distance).mean()) if density else 0.0,
             "flag_rate_confidence": float((top[members] < min_probability).mean()),
-        }
+        } | ({"flag_rate_other_type": float((other_scores[members] > max_other).mean())} if other is not None else {})
+    if other is not None and other_validation is not None and len(other_validation):
+        figures["other_types"] = {"n": int(len(other_validation)),
+                                  "flag_rate_other_type": float((other.scores(other_validation) > max_other).mean())}
     return {"temperature": temperature, "single_temperature": single.base, "density": density,
-            "max_distance": max_distance, "min_probability": min_probability, "validation": figures}
+            "max_distance": max_distance, "min_probability": min_probability, "other": other,
+            "max_other_score": max_other, "validation": figures}
 
 
 def write_calibration(model_path: Path, fitted: dict, record: dict) -> None:
     """The `<model>_ood.npz` beside the model and the metadata's `calibration` and `abstention` sections, tied
     to the .h5 by its sha256 so stale parameters are never applied. A `density` of None (a model without pooled
     features to measure distances on) gives the low-confidence test alone, and no npz."""
+    from hematovision import abstention
     from hematovision.classifier import abstention_path_for, metadata_path_for
     from hematovision.fast_runtime import sha256_of
 
     model_sha = sha256_of(model_path)
     npz = abstention_path_for(model_path)
-    density = fitted["density"]
+    density, other = fitted["density"], fitted.get("other")
     if density is not None:
-        npz.write_bytes(density.to_bytes())
+        npz.write_bytes(abstention.rule_arrays(density, other))
     meta_path = metadata_path_for(model_path)
     metadata = json.loads(meta_path.read_text(encoding="utf-8"))
     figures = fitted["validation"]
@@ -118,7 +133,7 @@ def write_calibration(model_path: Path, fitted: dict, record: dict) -> None:
         "fitted_on": record["validation_data"],
         "model_sha256": model_sha,
         "validation": {name: {k: v for k, v in f.items() if "flag" not in k}
-                       for name, f in figures.items() if isinstance(f, dict)},
+                       for name, f in figures.items() if isinstance(f, dict) and name != "other_types"},
     }
     metadata["abstention"] = {
         "method": ("uncertain when the calibrated top probability < min_probability (low confidence), or when the "
@@ -131,10 +146,21 @@ def write_calibration(model_path: Path, fitted: dict, record: dict) -> None:
         "min_probability": fitted["min_probability"],
         "max_distance": fitted["max_distance"] if density is not None else None,
         "density_fitted_on": record["training_data"],
+        "other_types": ({
+            "types": list(other.types),
+            "method": ("uncertain (another type of white cell) when the score features @ other_weights + "
+                       f"other_bias (in {npz.name}) > max_score: logistic regression (C "
+                       f"{abstention.OTHER_TYPES_REGULARISATION:g}, balanced, standardised features) of these types' "
+                       "training cells against the four types'"),
+            "max_score": fitted["max_other_score"],
+            "fitted_on": record.get("other_data", ""),
+            "validation_flag_rate": figures.get("other_types", {}).get("flag_rate_other_type"),
+            "validation_n": figures.get("other_types", {}).get("n"),
+        } if density is not None and other is not None else None),
         "thresholds_chosen_on": record["validation_data"] + "; " + record["rates"],
         "model_sha256": model_sha,
         "validation": {name: {k: v for k, v in f.items() if k == "n" or "flag" in k}
-                       for name, f in figures.items() if isinstance(f, dict)},
+                       for name, f in figures.items() if isinstance(f, dict) and name != "other_types"},
     }
     meta_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
@@ -166,7 +192,9 @@ def assess_crops(classifier, cropset: CropSet, *, unknown_type: bool = False, so
     if unknown_type and (~known).any():
         flagged = np.array([r is not None for r in reasons])[~known]
         result["unknown_type"] = {"n": int((~known).sum()), "flagged": int(flagged.sum()),
-                                  "flag_rate": float(flagged.mean())}
+                                  "flag_rate": float(flagged.mean()),
+                                  "reasons": metrics.count_reasons([r for r, kn in zip(reasons, known, strict=True)
+                                                                    if not kn])}
     if sources:
         result["per_source"] = metrics.summarise_sources(
             targets[known], probabilities[known], [r for r, kn in zip(reasons, known, strict=True) if kn],

@@ -1,0 +1,144 @@
+"""The "another type of white cell" test (hematovision.abstention.OtherTypes): how its regularisation was chosen,
+and what it flags. LISC's basophils are the other type; their validation cells choose, their test cells are
+measured once, with the chosen setting.
+
+    python training/experiments/measure_other_types.py --data-root ../shared/data \
+        --json training/experiments/results/other_types_choice.json
+    python training/experiments/measure_other_types.py --data-root ../shared/data --regularisations 0.4 \
+        --json training/experiments/results/other_types.json
+    python training/experiments/measure_other_types.py --data-root ../shared/data \
+        --model /tmp/lolo/pbc/blood_cell_model.h5 --json training/experiments/results/other_types_lolo_pbc.json
+
+For each C (logistic regression's regularisation, abstention.fit_other_types) the score is fitted on the model's
+pooled features of its training crops (one random flip/quarter-turn each, as train.py fits the rule) against LISC's
+training basophils; its threshold flags at most --rate of each training lab's known validation cells (as train.py
+sets it); the share of LISC's validation basophils it flags chooses C. Then, for the chosen C only: LISC's test
+basophils flagged, and the share of known cells flagged on each lab's test rows. For a model trained with a lab
+held out (--model of a `--hold-out` run), that lab's validation cells are scored too: known cells of a lab the
+model never saw, which the test should not flag.
+
+other_types_choice.json chose abstention.OTHER_TYPES_REGULARISATION on the model shipped before the test existed
+(its sha256 is in the file); other_types.json measures the shipped model, retrained with the test, at that C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from training import config, splits
+from training.cropsets import load_crops
+
+
+def rows_of(lab: str, split: str, settings: dict, data_root: Path, other: bool = False):
+    """The rows train.py takes for this lab and split (other=True: LISC's cells of types the model does not know)."""
+    kwargs = {"val_fraction": settings["val_fraction"], "seed": settings["seed"]} if lab == "kaggle" else {}
+    if other:
+        rows = splits.lab_rows(lab, data_root, config.LABELS, split, include_unknown=True)
+        return rows.subset(np.flatnonzero(np.asarray(rows.targets) < 0))
+    rows = splits.lab_rows(lab, data_root, config.LABELS, split, **kwargs)
+    if lab == "kaggle" and split != "test":
+        rows = rows.per_group(settings["kaggle_per_photo"], settings["seed"])
+    return rows.limit(settings["limit"], settings["seed"])
+
+
+def cost_on_unseen_lab(crops, answer, score, threshold) -> dict:
+    """The model's answers on a lab it never saw, as served and with the other-type test added (cells where no
+    white cell was found are left out: the test cannot change them)."""
+    right = answer.probabilities.argmax(1) == crops.targets
+    served = answer.uncertain
+    added = (score.scores(answer.features) > threshold) & ~served
+    both = served | added
+    return {"n": int(len(right)), "answered_served": float((~served).mean()),
+            "right_when_answered_served": float(right[~served].mean()),
+            "flagged_by_the_test": float((score.scores(answer.features) > threshold).mean()),
+            "answered_with_the_test": float((~both).mean()),
+            "right_when_answered_with_the_test": float(right[~both].mean()),
+            "newly_flagged": int(added.sum()), "right_among_newly_flagged": float(right[added].mean())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--model", type=Path, default=config.SHIPPED_MODEL)
+    p.add_argument("--crop-cache", type=Path, help="train.py's --crop-cache folder, to skip finding the cells again")
+    p.add_argument("--regularisations", default="0.05,0.1,0.2,0.4,0.8,1.6", help="values of C to try")
+    p.add_argument("--rate", type=float, default=0.005, help="share of each lab's known validation cells flagged")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    from hematovision import abstention
+    from hematovision.classifier import load_classifier
+    from training import pipeline
+
+    classifier = load_classifier(args.model)
+    settings = classifier.metadata["training"]["settings"]
+    labs, held_out = settings["labs"], settings.get("hold_out")
+    if "lisc" not in labs or held_out == "lisc":
+        print("measure_other_types.py: the model must be trained on LISC (its basophils are the other type)",
+              file=sys.stderr)
+        return 2
+
+    def features(rows, one_view: bool):
+        crops = load_crops(rows, cache_dir=args.crop_cache, desc=f"{rows.lab}")
+        return pipeline.outputs(classifier, crops.crops, one_view_seed=settings["seed"] if one_view else None)[1]
+
+    train = {lab: features(rows_of(lab, "train", settings, args.data_root), True) for lab in labs}
+    validation = {lab: features(rows_of(lab, "validation", settings, args.data_root), False) for lab in labs}
+    test = {lab: features(rows_of(lab, "test", settings, args.data_root), False) for lab in labs}
+    other = {split: features(rows_of("lisc", split, settings, args.data_root, other=True), split == "train")
+             for split in ("train", "validation", "test")}
+    unseen = {}
+    if held_out:  # known cells of a lab the model never saw: what the test costs there (features, answers)
+        crops = load_crops(rows_of(held_out, "validation", settings, args.data_root), cache_dir=args.crop_cache,
+                           desc=held_out)
+        unseen[held_out] = (crops, classifier.assess(crops.crops))
+    known_train = np.concatenate(list(train.values()))
+
+    def fit(c: float):
+        score = abstention.fit_other_types(known_train, other["train"], ("BASOPHIL",), regularisation=c)
+        threshold = max(abstention.threshold_for_rate(score.scores(f), args.rate) for f in validation.values())
+        return score, threshold
+
+    def flagged(score, threshold, f) -> float:
+        return float((score.scores(f) > threshold).mean()) if len(f) else float("nan")
+
+    grid = {}
+    for c in [float(v) for v in args.regularisations.split(",")]:
+        score, threshold = fit(c)
+        grid[f"{c:g}"] = {"threshold": threshold,
+                          "lisc_validation_basophils_flagged": flagged(score, threshold, other["validation"]),
+                          "known_validation_flagged": {lab: flagged(score, threshold, f)
+                                                      for lab, f in validation.items()}}
+        print(f"C {c:g}: validation basophils flagged {grid[f'{c:g}']['lisc_validation_basophils_flagged']:.3f}",
+              flush=True)
+    chosen = max(grid, key=lambda c: (grid[c]["lisc_validation_basophils_flagged"], -float(c)))
+    score, threshold = fit(float(chosen))
+    result = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+        "model": config.display_path(args.model),
+        "model_sha256": classifier.sha256,
+        "model_labs": labs,
+        "held_out_lab": held_out,
+        "rate": args.rate,
+        "basophil_crops": {split: int(len(f)) for split, f in other.items()},
+        "grid": grid,
+        "chosen": {"regularisation": float(chosen), "on": "the share of LISC's validation basophils flagged (ties: "
+                                                          "the smaller C)"},
+        "test": {"lisc_test_basophils_flagged": flagged(score, threshold, other["test"]),
+                 "known_test_flagged": {lab: flagged(score, threshold, f) for lab, f in test.items()}},
+        "held_out_lab_validation": {lab: cost_on_unseen_lab(crops, answer, score, threshold)
+                                    for lab, (crops, answer) in unseen.items()},
+    }
+    print(json.dumps({k: result[k] for k in ("chosen", "test", "held_out_lab_validation")}, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
