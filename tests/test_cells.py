@@ -23,6 +23,7 @@ from hematovision.cells import (
 FIELDS = Path(__file__).parent / "data" / "fields"
 TWO_WBC_BOXES = [(11, 114, 102, 210), (119, 126, 255, 235)]  # BloodImage_00010 at 320x240 (README there)
 ONE_WBC_BOX = (34, 157, 143, 240)  # BloodImage_00001 at 320x240
+KAGGLE_EOSINOPHIL_BOX = (100, 140, 170, 205)  # the eosinophil of kaggle_train_eosinophil_16_6740.jpeg, by eye
 
 
 def field(name: str) -> np.ndarray:
@@ -54,6 +55,18 @@ def test_one_white_cell_box_is_the_whole_cell():
     true_diameter = max(ONE_WBC_BOX[2] - ONE_WBC_BOX[0], ONE_WBC_BOX[3] - ONE_WBC_BOX[1])
     assert 0.7 < cell.diameter / true_diameter < 1.4
     assert cell.nucleus_area > 0 and cell.score > 0
+
+
+def test_white_cell_beside_a_ring_of_red_cells_is_found_by_the_second_look(monkeypatch):
+    """A Kaggle TRAIN image whose touching red cells enclose empty slide: filled as if it were pale red-cell centres,
+    it made the red-cell radius 2-3x too large and the eosinophil too small to count (README there). The second
+    look (off in the shipped pipeline) finds it."""
+    rgb = field("kaggle_train_eosinophil_16_6740.jpeg")
+    assert find_white_cells(rgb) == []  # as shipped
+    monkeypatch.setattr(cells_module, "SECOND_LOOK", True)
+    found = find_white_cells(rgb)
+    assert len(found) == 1 and inside(found[0], KAGGLE_EOSINOPHIL_BOX)
+    assert 0.7 < found[0].diameter / (KAGGLE_EOSINOPHIL_BOX[2] - KAGGLE_EOSINOPHIL_BOX[0]) < 1.4
 
 
 def test_boxes_scale_with_the_image():

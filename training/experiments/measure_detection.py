@@ -8,7 +8,8 @@ Run from the repository root (about 3 minutes on 2 CPU cores):
 
 Options: --data (default ../shared/data, i.e. /work/shared/data), --every N (every Nth image only, for quick looks;
 the committed JSON is from --every 1), --sheets DIR (also write contact sheets of boxed BCCD fields and canonical
-crops from every lab to DIR, e.g. /tmp), --out (the JSON path; '-' prints only).
+crops from every lab to DIR, e.g. /tmp), --out (the JSON path; '-' prints only), --second-look
+(hematovision.cells.SECOND_LOOK on, measured and not adopted: results/detection_second_look.json).
 
 What is measured:
 1. BCCD originals (dataset-master/JPEGImages, 640x480) against training/splits/bccd_wbc_boxes.csv (the Kaggle VOC
@@ -170,9 +171,16 @@ def main() -> None:
     p.add_argument("--sheets", type=Path, default=None)
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--only", default="bccd,pbc,lisc,kaggle")
+    p.add_argument("--second-look", action="store_true",
+                   help="with hematovision.cells.SECOND_LOOK on (measured, not adopted: docs/training.md)")
     args = p.parse_args()
     only = set(args.only.split(","))
     results: dict = {"crop_scale": CROP_SCALE, "every": args.every}
+    if args.second_look:
+        import hematovision.cells
+
+        hematovision.cells.SECOND_LOOK = True
+        results["second_look"] = True
     sheet_rows = {}
     if "bccd" in only:
         results["bccd"] = bccd(args.data, args.every, args.sheets)
