@@ -243,10 +243,6 @@ class OtherTypes:
         return np.einsum("nd,d->n", np.asarray(features, dtype=np.float32),
                          np.asarray(self.weights, np.float32)).astype(np.float64) + self.bias
 
-    @property
-    def feature_size(self) -> int:
-        return int(self.weights.shape[0])
-
 
 def fit_other_types(known: np.ndarray, other: np.ndarray, types=(),
                     regularisation: float = OTHER_TYPES_REGULARISATION) -> OtherTypes:

@@ -181,6 +181,22 @@ def lab_rows(lab: str, data_root: Path, labels: list[str], split: str, **kwargs)
     return LOADERS[lab](Path(data_root), labels, split, **kwargs)
 
 
+def recipe_rows(lab: str, data_root: Path, split: str, settings: dict, *, include_unknown: bool = False,
+                other_types: bool = False) -> Rows:
+    """The rows train.py takes for this lab and split under its `settings` (val_fraction, seed, kaggle_per_photo,
+    limit): Kaggle's copies capped per source photo outside TEST, at most `limit` files per class. `other_types`:
+    only the cells of types the model does not classify (LISC's basophils, target -1)."""
+    kwargs = {"val_fraction": settings["val_fraction"], "seed": settings["seed"]} if lab == "kaggle" else {}
+    if include_unknown or other_types:
+        kwargs["include_unknown"] = True
+    rows = lab_rows(lab, data_root, config.LABELS, split, **kwargs)
+    if other_types:
+        rows = rows.subset(np.flatnonzero(np.asarray(rows.targets) < 0))
+    elif lab == "kaggle" and split != "test":
+        rows = rows.per_group(settings["kaggle_per_photo"], settings["seed"])
+    return rows.limit(settings["limit"], settings["seed"])
+
+
 def check_data_root(data_root: Path, labs) -> None:
     """One clear error for a --data-root that lacks a lab's folder."""
     if not Path(data_root).is_dir():

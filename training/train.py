@@ -160,13 +160,8 @@ def gather(args, cache_dir: Path, progress: Progress) -> dict:
         for lab in labs_all:
             if split == "train" and lab == args.hold_out:
                 continue
-            kwargs = {"val_fraction": args.val_fraction, "seed": args.seed} if lab == "kaggle" else {}
-            if lab == "lisc" and split == "test":
-                kwargs["include_unknown"] = True
-            rows = splits.lab_rows(lab, args.data_root, config.LABELS, split, **kwargs)
-            if lab == "kaggle" and split != "test":
-                rows = rows.per_group(args.kaggle_per_photo, args.seed)
-            rows = rows.limit(args.limit, args.seed)
+            rows = splits.recipe_rows(lab, args.data_root, split, vars(args),
+                                      include_unknown=lab == "lisc" and split == "test")
             crops = load_crops(rows, workers=args.workers or None, cache_dir=cache_dir, desc=f"{lab} {split}")
             sets[split][lab] = crops
             progress.say(f"{lab} {split}: {len(rows)} files, white cell found in {int(crops.found.sum())}")
@@ -175,8 +170,7 @@ def gather(args, cache_dir: Path, progress: Progress) -> dict:
     sets["other_types"] = {}
     if "lisc" in args.labs and args.hold_out != "lisc":
         for split in ("train", "validation"):
-            rows = splits.lab_rows("lisc", args.data_root, config.LABELS, split, include_unknown=True)
-            rows = rows.subset(np.flatnonzero(np.asarray(rows.targets) < 0)).limit(args.limit, args.seed)
+            rows = splits.recipe_rows("lisc", args.data_root, split, vars(args), other_types=True)
             if len(rows):
                 crops = load_crops(rows, workers=args.workers or None, cache_dir=cache_dir, desc=f"other {split}")
                 sets["other_types"][split] = crops

@@ -34,18 +34,6 @@ from training import config, splits
 from training.cropsets import load_crops
 
 
-def rows_of(lab: str, split: str, settings: dict, data_root: Path, other: bool = False):
-    """The rows train.py takes for this lab and split (other=True: LISC's cells of types the model does not know)."""
-    kwargs = {"val_fraction": settings["val_fraction"], "seed": settings["seed"]} if lab == "kaggle" else {}
-    if other:
-        rows = splits.lab_rows(lab, data_root, config.LABELS, split, include_unknown=True)
-        return rows.subset(np.flatnonzero(np.asarray(rows.targets) < 0))
-    rows = splits.lab_rows(lab, data_root, config.LABELS, split, **kwargs)
-    if lab == "kaggle" and split != "test":
-        rows = rows.per_group(settings["kaggle_per_photo"], settings["seed"])
-    return rows.limit(settings["limit"], settings["seed"])
-
-
 def cost_on_unseen_lab(crops, answer, score, threshold) -> dict:
     """The model's answers on a lab it never saw, as served and with the other-type test added (cells where no
     white cell was found are left out: the test cannot change them)."""
@@ -83,19 +71,21 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
 
-    def features(rows, one_view: bool):
-        crops = load_crops(rows, cache_dir=args.crop_cache, desc=f"{rows.lab}")
+    def features(part, one_view: bool):
+        crops = load_crops(part, cache_dir=args.crop_cache, desc=part.lab)
         return pipeline.outputs(classifier, crops.crops, one_view_seed=settings["seed"] if one_view else None)[1]
 
-    train = {lab: features(rows_of(lab, "train", settings, args.data_root), True) for lab in labs}
-    validation = {lab: features(rows_of(lab, "validation", settings, args.data_root), False) for lab in labs}
-    test = {lab: features(rows_of(lab, "test", settings, args.data_root), False) for lab in labs}
-    other = {split: features(rows_of("lisc", split, settings, args.data_root, other=True), split == "train")
+    def rows(lab: str, split: str, **kwargs):
+        return splits.recipe_rows(lab, args.data_root, split, settings, **kwargs)
+
+    train = {lab: features(rows(lab, "train"), True) for lab in labs}
+    validation = {lab: features(rows(lab, "validation"), False) for lab in labs}
+    test = {lab: features(rows(lab, "test"), False) for lab in labs}
+    other = {split: features(rows("lisc", split, other_types=True), split == "train")
              for split in ("train", "validation", "test")}
     unseen = {}
     if held_out:  # known cells of a lab the model never saw: what the test costs there (features, answers)
-        crops = load_crops(rows_of(held_out, "validation", settings, args.data_root), cache_dir=args.crop_cache,
-                           desc=held_out)
+        crops = load_crops(rows(held_out, "validation"), cache_dir=args.crop_cache, desc=held_out)
         unseen[held_out] = (crops, classifier.assess(crops.crops))
     known_train = np.concatenate(list(train.values()))
 

@@ -39,11 +39,7 @@ def main(argv=None) -> int:
     settings = state["settings"]
     val = {}
     for lab in settings["labs"]:  # the validation rows exactly as train.py's gather() takes them
-        kwargs = {"val_fraction": settings["val_fraction"], "seed": settings["seed"]} if lab == "kaggle" else {}
-        rows = splits.lab_rows(lab, args.data_root, config.LABELS, "validation", **kwargs)
-        if lab == "kaggle":
-            rows = rows.per_group(settings["kaggle_per_photo"], settings["seed"])
-        crops = load_crops(rows.limit(settings["limit"], settings["seed"]),
+        crops = load_crops(splits.recipe_rows(lab, args.data_root, "validation", settings),
                            cache_dir=args.crop_cache or args.checkpoint / "crops", desc=f"{lab} validation")
         val[lab] = (crops.crops, crops.targets)
     names = [f"{h['phase']}_{h['epoch']}" for h in state["history"] if h["phase"] != "head"]
