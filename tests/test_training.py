@@ -229,6 +229,28 @@ def test_the_mean_of_the_last_epochs_weights_is_kept_only_when_it_validates_as_w
         np.testing.assert_array_equal(got, best)
 
 
+def test_training_batches_do_not_depend_on_the_number_of_loader_threads():
+    """--loader-workers only changes how fast batches are made: fitting on them gives the same weights."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = {"kaggle": rng.integers(0, 256, (24, 48, 48, 3), dtype=np.uint8)}
+    y = {"kaggle": np.arange(24) % len(LABELS)}
+    weights = []
+    for workers in (1, 3):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),
+                                  keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D(),
+                                  keras.layers.Dense(len(LABELS), activation="softmax")])
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+        start = model.get_weights()[-1].copy()
+        model.fit(train.batches(x, y, {}, 32, 4, 7, 0, workers=workers), epochs=2, verbose=0)
+        weights.append(model.get_weights())
+        assert not np.array_equal(weights[-1][-1], start)  # it did train
+    for one, several in zip(*weights, strict=True):
+        np.testing.assert_array_equal(one, several)
+
+
 @pytest.mark.slow
 def test_data_parallel_training_runs_on_two_logical_cpu_devices():
     script = """

@@ -105,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="data-parallel training over this many devices (GPUs, else logical CPU devices)")
     p.add_argument("--limit", type=int, default=0, help="at most N files per class and split (smoke runs)")
     p.add_argument("--workers", type=int, default=0, help="processes that find cells (0 = all cores)")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="threads that augment training batches (0: one per CPU core, at most 16, when training on "
+                        "a GPU; 1 on a CPU, where the network is the slower part). Each batch has its own seed, so "
+                        "the result does not depend on it")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep <out>.checkpoint/ (every fine-tuning epoch's weights) after a finished run, for "
                         "training/experiments/measure_weight_average.py")
@@ -247,9 +251,10 @@ def distribution_scope(devices: int):
 
 
 def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size: int, seed: int, epoch: int,
-            stain: float = DEFAULTS["stain"], lowres: float = DEFAULTS["lowres"]):
+            stain: float = DEFAULTS["stain"], lowres: float = DEFAULTS["lowres"], workers: int = 1):
     """A keras.utils.PyDataset of augmented batches: every training crop once per epoch (a lab's `repeat`
-    times), shuffled, augmented in a background thread while the network trains."""
+    times), shuffled, augmented in `workers` background threads while the network trains (in order: each batch's
+    generator is seeded by its own index, so any number of threads gives the same batches)."""
     import keras
 
     from training.augment import augment
@@ -259,7 +264,7 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
+            super().__init__(workers=workers, use_multiprocessing=False)
             self.epoch = epoch
             self.order = np.arange(len(x))
             self.on_epoch_end()
@@ -327,6 +332,7 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
     x = {lab: c.crops for lab, c in sets["train"].items()}
     y = {lab: c.targets for lab, c in sets["train"].items()}
     repeat = {"lisc": args.lisc_repeat}
+    loader = args.loader_workers or (min(16, os.cpu_count() or 1) if detect_device() != "cpu" else 1)
     val = sets["validation"]
     weights = None if args.weights == "none" else args.weights
     plan = [("head", args.low_size, 1, args.head_lr), ("low", args.low_size, args.epochs, args.lr),
@@ -359,7 +365,8 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
             callback = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs, p=phase, f=end: f(p, e + 1, logs))
             progress.say(f"{phase}: {size} px, epochs {start + 1}-{epochs}, {steps_per_epoch} steps of "
                          f"{args.batch_size}, {'head only' if phase == 'head' else 'from ' + args.fine_tune_from}")
-            model.fit(batches(x, y, repeat, size, args.batch_size, args.seed, start * 1000, args.stain, args.lowres),
+            model.fit(batches(x, y, repeat, size, args.batch_size, args.seed, start * 1000, args.stain, args.lowres,
+                              loader),
                       epochs=epochs, initial_epoch=start, callbacks=[callback], verbose=0)
             done = set(state["done"])
     # Best epoch by validation; exported at 224 in float32 whatever trained it.
@@ -566,7 +573,8 @@ def other_type_features(classifier, other_sets: dict, seed: int) -> dict:
 
 def settings_of(args) -> dict:
     return {k: (v.as_posix() if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("out", "data_root", "force", "resume", "workers", "crop_cache", "keep_checkpoint")}
+            if k not in ("out", "data_root", "force", "resume", "workers", "loader_workers", "crop_cache",
+                         "keep_checkpoint")}
 
 
 def describe(args, argv, sets: dict, state: dict, device: str) -> dict:
