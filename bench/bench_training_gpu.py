@@ -38,6 +38,10 @@ CONFIGS = [
 ]
 # The shipped recipe (training/train.py defaults; its metadata's training.data): crops per epoch (Kaggle 1,879 +
 # PBC 2,159 + LISC 560 twice) and its epochs: 1 head-only and 8 at 160 px, then 2 at 224.
+# train.py's own loop: (size, batch, augmenting workers, in processes rather than threads: measured slower, each
+# batch is pickled between processes, so train.py uses threads).
+FIT_CONFIGS = [(160, 64, 1, False), (160, 64, 16, False), (160, 256, 16, False), (224, 256, 16, False),
+               (160, 64, 16, True), (160, 256, 16, True), (224, 256, 16, True)]
 RECIPE_CROPS = 1879 + 2159 + 2 * 560
 RECIPE_EPOCHS = {(160, "head"): 1, (160, "block_6_expand"): 8, (224, "block_6_expand"): 2}
 
@@ -90,7 +94,7 @@ def step_speed(size: int, first: str | None, policy: str, batch: int, seconds: f
     return {"images_per_s": round(rate, 1), "steps": steps, "warm_up_s": round(warm_up, 1)}
 
 
-def fit_speed(size: int, batch: int, workers: int, crops: int = 4096) -> dict:
+def fit_speed(size: int, batch: int, workers: int, crops: int = 4096, processes: bool = False) -> dict:
     """train.py's own loop: its PyDataset of augmented batches (`workers` threads) and model.fit, from the host
     (crops in memory, as train.py holds them); the second of two epochs is timed."""
     import keras
@@ -107,7 +111,8 @@ def fit_speed(size: int, batch: int, workers: int, crops: int = 4096) -> dict:
                   metrics=["accuracy"])
     ends = []
     timer = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append(time.perf_counter()))
-    model.fit(batches(x, y, {}, size, batch, 0, 0, workers=workers), epochs=2, callbacks=[timer], verbose=0)
+    model.fit(batches(x, y, {}, size, batch, 0, 0, workers=workers, processes=processes), epochs=2,
+              callbacks=[timer], verbose=0)
     steps = crops // batch
     return {"images_per_s": round(steps * batch / (ends[1] - ends[0]), 1), "steps": steps}
 
@@ -135,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train.py's own loop (its augmenting PyDataset and model.fit) at 1 and N threads")
     p.add_argument("--jit", action="store_true",
                    help="at the end, the recipe's 160 px step compiled (jit_compile=True: torch.compile on torch)")
+    p.add_argument("--only-fit", action="store_true", help="train.py's loop alone (no step or augment rows)")
     args = p.parse_args(argv)
+    args.fit_configs = FIT_CONFIGS
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
     print(result, flush=True)
-    for size, first, policy, batch in CONFIGS:
+    for size, first, policy, batch in [] if args.only_fit else CONFIGS:
         row = {"size": size, "trained_from": first or "all", "policy": policy, "batch": batch}
         try:
             row.update(step_speed(size, first, policy, batch, args.seconds))
@@ -161,23 +168,26 @@ def main(argv: list[str] | None = None) -> int:
         print(row, flush=True)
         result["steps"].append(row)
         save()
-    # The head-only epoch trains the dense layer alone: time it as such.
-    row = {"size": 160, "trained_from": "head only", "policy": "float32", "batch": 64}
-    row.update(step_speed(160, None, "float32", 64, args.seconds))
-    print(row, flush=True)
-    result["steps"].append(row)
-    if args.fit:
+    if not args.only_fit:  # the head-only epoch trains the dense layer alone: time it as such
+        row = {"size": 160, "trained_from": "head only", "policy": "float32", "batch": 64}
+        row.update(step_speed(160, None, "float32", 64, args.seconds))
+        print(row, flush=True)
+        result["steps"].append(row)
+    if args.fit or args.only_fit:
         result["fit"] = []
-        for size, batch, workers in [(160, 64, 1), (160, 64, 16), (160, 256, 16), (224, 256, 16)]:
+        for size, batch, workers, processes in args.fit_configs:
             workers = min(workers, os.cpu_count() or 1)
-            row = {"size": size, "batch": batch, "loader_workers": workers, "trained_from": "block_6_expand"}
+            row = {"size": size, "batch": batch, "loader_workers": workers,
+                   "loader": "processes" if processes else "threads", "trained_from": "block_6_expand"}
             try:
-                row.update(fit_speed(size, batch, workers))
+                row.update(fit_speed(size, batch, workers, processes=processes))
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {error}"[:300]
             print(row, flush=True)
             result["fit"].append(row)
             save()
+    if args.only_fit:
+        return 0
     if args.jit:
         row = {"size": 160, "trained_from": "block_6_expand", "policy": "float32", "batch": 256, "jit_compile": True}
         try:

@@ -61,6 +61,7 @@ DEFAULTS = {
     "dropout": 0.2,
     "average": 0,
     "stain": 0.15,
+    "grey": 0.1,
     "lowres": 0.0,
     "devices": 1,
 }
@@ -99,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "validation accuracy is at least the best single epoch's (0: the best epoch)")
     p.add_argument("--stain", type=float, default=DEFAULTS["stain"],
                    help="stain jitter: haematoxylin/eosin amounts scaled by 1 +- this and shifted by +- this")
+    p.add_argument("--grey", type=float, default=DEFAULTS["grey"],
+                   help="share of training crops shown in grey (colour-blind cameras, stains that differ in hue)")
     p.add_argument("--lowres", type=float, default=DEFAULTS["lowres"],
                    help="share of training crops shown at a 1.5-3.5x lower resolution, JPEG-compressed")
     p.add_argument("--devices", type=int, default=DEFAULTS["devices"],
@@ -251,10 +254,12 @@ def distribution_scope(devices: int):
 
 
 def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size: int, seed: int, epoch: int,
-            stain: float = DEFAULTS["stain"], lowres: float = DEFAULTS["lowres"], workers: int = 1):
+            stain: float = DEFAULTS["stain"], lowres: float = DEFAULTS["lowres"], workers: int = 1,
+            grey: float = DEFAULTS["grey"], processes: bool = False):
     """A keras.utils.PyDataset of augmented batches: every training crop once per epoch (a lab's `repeat`
     times), shuffled, augmented in `workers` background threads while the network trains (in order: each batch's
-    generator is seeded by its own index, so any number of threads gives the same batches)."""
+    generator is seeded by its own index, so any number of threads gives the same batches). `processes` makes them
+    worker processes: slower on the GPU machine measured (bench/bench_training_gpu.py), kept for that bench."""
     import keras
 
     from training.augment import augment
@@ -264,7 +269,7 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=workers, use_multiprocessing=False)
+            super().__init__(workers=workers, use_multiprocessing=processes and workers > 1)
             self.epoch = epoch
             self.order = np.arange(len(x))
             self.on_epoch_end()
@@ -275,7 +280,7 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
         def __getitem__(self, i):
             idx = np.sort(self.order[i * batch_size:(i + 1) * batch_size])
             rng = np.random.default_rng([seed, self.epoch, i])
-            return augment(x[idx], size, rng, stain=stain, lowres=lowres), y[idx]
+            return augment(x[idx], size, rng, stain=stain, lowres=lowres, grey=grey), y[idx]
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -366,7 +371,7 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
             progress.say(f"{phase}: {size} px, epochs {start + 1}-{epochs}, {steps_per_epoch} steps of "
                          f"{args.batch_size}, {'head only' if phase == 'head' else 'from ' + args.fine_tune_from}")
             model.fit(batches(x, y, repeat, size, args.batch_size, args.seed, start * 1000, args.stain, args.lowres,
-                              loader),
+                              loader, args.grey),
                       epochs=epochs, initial_epoch=start, callbacks=[callback], verbose=0)
             done = set(state["done"])
     # Best epoch by validation; exported at 224 in float32 whatever trained it.
