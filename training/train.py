@@ -59,6 +59,7 @@ DEFAULTS = {
     "low_size": 160,
     "fine_tune_from": "block_6_expand",
     "dropout": 0.2,
+    "label_smoothing": 0.0,
     "average": 0,
     "stain": 0.15,
     "grey": 0.1,
@@ -95,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fine-tune-from", default=DEFAULTS["fine_tune_from"],
                    help="first MobileNetV2 layer trained ('' = all of them)")
     p.add_argument("--dropout", type=float, default=DEFAULTS["dropout"])
+    p.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"],
+                   help="training targets mixed with this share of the uniform distribution over the types")
     p.add_argument("--average", type=int, default=DEFAULTS["average"],
                    help="also try the mean of the weights of the last N fine-tuning epochs; kept when its mean "
                         "validation accuracy is at least the best single epoch's (0: the best epoch)")
@@ -255,7 +258,7 @@ def distribution_scope(devices: int):
 
 def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size: int, seed: int, epoch: int,
             stain: float = DEFAULTS["stain"], lowres: float = DEFAULTS["lowres"], workers: int = 1,
-            grey: float = DEFAULTS["grey"], processes: bool = False):
+            grey: float = DEFAULTS["grey"], processes: bool = False, one_hot: int = 0):
     """A keras.utils.PyDataset of augmented batches: every training crop once per epoch (a lab's `repeat`
     times), shuffled, augmented in `workers` background threads while the network trains (in order: each batch's
     generator is seeded by its own index, so any number of threads gives the same batches). `processes` makes them
@@ -280,7 +283,8 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
         def __getitem__(self, i):
             idx = np.sort(self.order[i * batch_size:(i + 1) * batch_size])
             rng = np.random.default_rng([seed, self.epoch, i])
-            return augment(x[idx], size, rng, stain=stain, lowres=lowres, grey=grey), y[idx]
+            targets = np.eye(one_hot, dtype=np.float32)[y[idx]] if one_hot else y[idx]
+            return augment(x[idx], size, rng, stain=stain, lowres=lowres, grey=grey), targets
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -338,6 +342,9 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
     y = {lab: c.targets for lab, c in sets["train"].items()}
     repeat = {"lisc": args.lisc_repeat}
     loader = args.loader_workers or (min(16, os.cpu_count() or 1) if detect_device() != "cpu" else 1)
+    classes = len(config.LABELS) if args.label_smoothing else 0  # one-hot targets only where smoothing needs them
+    loss = (keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing) if classes
+            else "sparse_categorical_crossentropy")
     val = sets["validation"]
     weights = None if args.weights == "none" else args.weights
     plan = [("head", args.low_size, 1, args.head_lr), ("low", args.low_size, args.epochs, args.lr),
@@ -361,7 +368,7 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
             steps_per_epoch = len(batches(x, y, repeat, size, args.batch_size, args.seed, 0))
             schedule = (keras.optimizers.schedules.CosineDecay(lr, decay_steps=epochs * steps_per_epoch)
                         if phase == "low" else lr)
-            model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
+            model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss,
                           metrics=["accuracy"])
             if start:  # resumed: the schedule continues where it stopped (the Adam moments start again)
                 model.optimizer.iterations.assign(start * steps_per_epoch)
@@ -371,7 +378,7 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
             progress.say(f"{phase}: {size} px, epochs {start + 1}-{epochs}, {steps_per_epoch} steps of "
                          f"{args.batch_size}, {'head only' if phase == 'head' else 'from ' + args.fine_tune_from}")
             model.fit(batches(x, y, repeat, size, args.batch_size, args.seed, start * 1000, args.stain, args.lowres,
-                              loader, args.grey),
+                              loader, args.grey, one_hot=classes),
                       epochs=epochs, initial_epoch=start, callbacks=[callback], verbose=0)
             done = set(state["done"])
     # Best epoch by validation; exported at 224 in float32 whatever trained it.
