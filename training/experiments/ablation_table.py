@@ -23,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", action="append", required=True, metavar="NAME=MODEL.h5",
                    help="a row: its name and the model train.py wrote")
+    p.add_argument("--base-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="the first row's value of a setting its train.py did not have yet (a JSON value)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     return p.parse_args(argv)
 
@@ -40,10 +42,11 @@ def row(name: str, model: Path) -> dict:
             "held_out_validation": round(unseen["accuracy"], 4) if unseen else None}
 
 
-def differences(rows: list[dict]) -> list[str]:
-    """Each row's settings that differ from the first row's."""
-    base = rows[0]["settings"]
-    return [", ".join(f"{k}={v}" for k, v in r["settings"].items() if base.get(k) != v) or "(first row)"
+def differences(rows: list[dict], assumed: dict | None = None) -> list[str]:
+    """Each row's settings that differ from the first row's (`assumed`: the first row's value of a setting its
+    train.py did not have yet, which then ran as that value)."""
+    base = {**(assumed or {}), **rows[0]["settings"]}
+    return [", ".join(f"{k}={v}" for k, v in r["settings"].items() if k in base and base[k] != v) or "(first row)"
             for r in rows]
 
 
@@ -60,7 +63,15 @@ def main(argv=None) -> int:
     print("| run | changed | minutes | " + " | ".join(f"validation {lab}" for lab in labs)
           + " | held-out lab: validation |")
     print("|---|---|---|" + "---|" * len(labs) + "---|")
-    for r, changed in zip(rows, differences(rows), strict=True):
+    assumed = {}
+    for spec in args.base_setting:
+        key, _, value = spec.partition("=")
+        try:
+            assumed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            print(f"ablation_table.py: --base-setting {spec}: expected KEY=JSON value", file=sys.stderr)
+            return 2
+    for r, changed in zip(rows, differences(rows, assumed), strict=True):
         held = (f"{r['held_out_lab']} {r['held_out_validation']:.3f}" if r["held_out_validation"] is not None
                 else r["held_out_lab"] or "")
         print(f"| {r['name']} | {changed} | {r['minutes']} | "
