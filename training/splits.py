@@ -207,6 +207,16 @@ def check_data_root(data_root: Path, labs) -> None:
             raise DataError(f"{lab}: expected the folder {folder} (the layout of the README's data section)")
 
 
+def noncell_rows(folder: Path) -> Rows:
+    """A non-cell set written by training/experiments/make_noncell_set.py: every image (target -1), grouped by its
+    kind, from the folder's manifest.csv."""
+    rows = Rows("noncell")
+    with open(Path(folder) / "manifest.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            rows.add(Path(folder) / row["path"], -1, row["kind"])
+    return rows
+
+
 def folder_rows(folder: Path, labels: list[str], include_unknown: bool = False) -> Rows:
     """Any folder with one sub-folder per class (class names in any case); each file its own group. With
     `include_unknown`, the files of other sub-folders (types the model does not know) come too, target -1."""

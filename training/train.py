@@ -331,8 +331,9 @@ class EpochEnd:
         self.epoch_started = time.time()
 
 
-def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
-    """Train on the training crops; returns the 224x224 float32 model with the best validation weights."""
+def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress, device: str = "cpu"):
+    """Train on the training crops; returns the 224x224 float32 model with the best validation weights. `device`
+    (detect_device()'s answer) decides how many threads augment the batches."""
     import keras
 
     from hematovision.network import build_model, set_trainable_from
@@ -341,7 +342,7 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress):
     x = {lab: c.crops for lab, c in sets["train"].items()}
     y = {lab: c.targets for lab, c in sets["train"].items()}
     repeat = {"lisc": args.lisc_repeat}
-    loader = args.loader_workers or (min(16, os.cpu_count() or 1) if detect_device() != "cpu" else 1)
+    loader = args.loader_workers or (min(16, os.cpu_count() or 1) if device != "cpu" else 1)
     classes = len(config.LABELS) if args.label_smoothing else 0  # one-hot targets only where smoothing needs them
     loss = (keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing) if classes
             else "sparse_categorical_crossentropy")
@@ -491,7 +492,7 @@ def run(args, argv) -> dict:
     progress.step("train", f"Keras {keras.__version__} ({keras.backend.backend()}) on {device}, "
                            f"{os.cpu_count()} CPU cores, {args.devices} device(s)")
     try:
-        model = train(args, sets, checkpoint, state, progress)
+        model = train(args, sets, checkpoint, state, progress, device)
     except KeyboardInterrupt:
         state["seconds"] = time.time() - started
         (checkpoint / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")

@@ -11,7 +11,6 @@ the non-cell set are read whole. "primary" counts only the cell the app answers 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hematovision.imaging import ImageRejected, prepare_field
+from training import splits
 
 RATIOS = (2.5, 3.0)
 
@@ -48,15 +48,13 @@ def shapes(path: Path) -> list[tuple[float, bool]]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     root = args.data_root
-    with open(args.noncell_dir / "manifest.csv", newline="") as f:
-        noncells = [args.noncell_dir / row["path"] for row in csv.DictReader(f)]
     sets = {
         "bccd_fields": sorted((root / "blood-cells/dataset-master/JPEGImages").glob("*.jpg")),
         "kaggle_train": sorted((root / "blood-cells/dataset2-master/images/TRAIN").glob("*/*.jpeg"))[::4],
         "kaggle_test": sorted((root / "blood-cells/dataset2-master/images/TEST").glob("*/*.jpeg"))[::4],
         "pbc": sorted((root / "pbc-4class").glob("*/*.jpg"))[::2],
         "lisc": sorted((root / "lisc-crops").glob("*/*.jpg")),
-        "noncells": noncells,
+        "noncells": splits.noncell_rows(args.noncell_dir).paths,
     }
     result = {}
     with ProcessPoolExecutor() as pool:

@@ -15,7 +15,6 @@ Each lab's share answered and accuracy when answered are in the model's metadata
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -55,11 +54,7 @@ def main(argv=None) -> dict:
     from hematovision.classifier import load_classifier
 
     classifier = load_classifier(args.model)
-    with open(args.noncell_dir / "manifest.csv", newline="") as f:
-        manifest = list(csv.DictReader(f))
-    rows = splits.Rows("noncell")
-    for row in manifest:
-        rows.add(args.noncell_dir / row["path"], -1, row["kind"])
+    rows = splits.noncell_rows(args.noncell_dir)
     flags = no_answer(classifier, rows)
     kinds = np.asarray(rows.groups)
     result = {"model": args.model.name, "noncell": rate(flags),

@@ -288,18 +288,12 @@ def lab_sets(args) -> dict:
 def abstention_sets(args) -> dict:
     """LISC's test basophils (a type the model does not know), and the non-cell images when --noncell-dir is
     given, as CropSets."""
-    import csv
-
     others = {}
     if (args.data_root / config.LISC).is_dir():
         lisc = splits.lisc(args.data_root, config.LABELS, "test", include_unknown=True)
         others["lisc_basophils_test"] = lisc.subset([i for i, t in enumerate(lisc.targets) if t < 0])
     if args.noncell_dir:
-        rows = splits.Rows("noncell")
-        with open(args.noncell_dir / "manifest.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                rows.add(args.noncell_dir / row["path"], -1, row["kind"])
-        others["noncells"] = rows
+        others["noncells"] = splits.noncell_rows(args.noncell_dir)
     return {name: load_crops(rows, workers=args.threads or None, cache_dir=args.cache_dir, desc=name)
             for name, rows in others.items()}
 

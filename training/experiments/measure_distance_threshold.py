@@ -15,7 +15,6 @@ The candidates are the model's own threshold and the distances at which each val
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import sys
@@ -59,11 +58,7 @@ def main(argv=None) -> dict:
     settings = metadata["training"]["settings"]
     known = {lab: distances(classifier, splits.recipe_rows(lab, args.data_root, "validation", settings))
              for lab in settings["labs"]}
-    with open(args.noncell_dir / "manifest.csv", newline="") as f:
-        manifest = list(csv.DictReader(f))
-    rows = splits.Rows("noncell")
-    for row in manifest:
-        rows.add(args.noncell_dir / row["path"], -1, row["kind"])
+    rows = splits.noncell_rows(args.noncell_dir)
     noncell = distances(classifier, rows)
     kinds = np.asarray(rows.groups)
     pooled = np.concatenate([d[np.isfinite(d)] for d in known.values()])
