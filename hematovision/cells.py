@@ -20,6 +20,14 @@ How a white cell is found (all on a copy whose longest side is about ``WORK_SIDE
    ~0.1; a small lymphocyte's nucleus ~0.8).
 5. The whole cell (nucleus + cytoplasm estimate) is the nucleus group's box grown by ``CYTOPLASM_MARGIN``
    red-cell radii on each side, mapped back to the given image's pixels.
+6. Is it a stained smear at all? A photo, a screenshot, a page of text or noise can hold violet blobs too. No white
+   cell is found in an image whose red cells are not red (their stain level below ``SMEAR_LEVEL_MIN``: the photo's
+   "red cells" are green, yellow or blue) or whose empty slide is grainier than a microscope camera's
+   (``SMEAR_NOISE_MAX``). A nucleus
+   group that fills its box like a rectangle (``RECTANGLE_EXTENT``: a button, a bar, a block of text; a nucleus,
+   round or lobed, fills at most ~0.8 of its box) is not a white cell, and an image where at least half the
+   groups are rectangles is not a smear. Measured, with the margins to the three labs' cells, by
+   training/experiments/measure_smear_check.py.
 
 The canonical crop is centred on the cell box's centre, with side ``CROP_SCALE`` x the cell diameter (the larger side
 of the cell box), padded with the background colour where it leaves the photo, resized with Pillow bilinear, then
@@ -52,6 +60,11 @@ CYTOPLASM_MARGIN = 0.5  # the cell box is the nucleus box grown by this many red
 CROP_SCALE = 2.0  # crop side = CROP_SCALE * cell diameter (larger side of the cell box): the cell is ~50% of it
 SLIDE_WHITE = 235.0  # every crop is white-balanced so that its slide background is this neutral grey
 GAIN_LIMITS = (0.6, 1.8)  # per-channel white-balance gains stay in this range (a mis-read background stays harmless)
+SMEAR_LEVEL_MIN = -0.3  # the red cells' stain level (above): -0.04 to 0.32 in three labs, under colour casts too
+SMEAR_NOISE_MAX = 25.0  # median |Laplacian| of the empty slide's grey levels, work copy: <= 6 in three labs, 11 with
+#                         added camera noise (sigma 10)
+RECTANGLE_EXTENT = 0.9  # nucleus pixels / nucleus box: at or above, a rectangle, not a nucleus
+SMEAR_CHECK = True  # step 6 (off only to measure what it changes)
 # Off: measured (docs/training.md, "A second look for missed cells") and not adopted for the shipped model.
 SECOND_LOOK = False  # where no white cell is found, read the red-cell radius again with only pale centres filled
 PALE_CENTRE = 0.5  # a red cell's pale centre spans at most this share of its radius; larger holes are empty slide
@@ -183,8 +196,18 @@ def analyse(rgb: np.ndarray) -> dict | None:
     high = max(NUCLEUS_HIGH, level + LEVEL_MARGIN_HIGH)
     nucleus = filters.apply_hysteresis_threshold(stain, low, high)
     radius = _red_cell_radius(stained & ~nucleus, fallback=max(small.shape[:2]) / 20)
+    empty = others & ~stained
+    grain = 0.0
+    if empty.sum() >= 64:
+        grey = channel_sum(small.astype(np.float32)) / 3
+        grain = float(np.median(np.abs(ndi.laplace(grey))[empty]))
     return {"small": small, "slide": slide, "stain": stain, "density": density, "stained": stained,
-            "nucleus": nucleus, "radius": radius, "level": level, "thresholds": (low, high)}
+            "nucleus": nucleus, "radius": radius, "level": level, "thresholds": (low, high), "grain": grain}
+
+
+def is_smear(found: dict) -> bool:
+    """Whether analyse()'s results look like a stained blood smear photographed through a microscope (step 6)."""
+    return found["level"] >= SMEAR_LEVEL_MIN and found["grain"] <= SMEAR_NOISE_MAX
 
 
 def find_white_cells(rgb: np.ndarray) -> list[Cell]:
@@ -203,7 +226,7 @@ def survey(rgb: np.ndarray) -> tuple[list[Cell], np.ndarray | None]:
 
 
 def _cells(rgb: np.ndarray, found: dict | None) -> list[Cell]:
-    if found is None or not found["nucleus"].any():
+    if found is None or not found["nucleus"].any() or (SMEAR_CHECK and not is_smear(found)):
         return []
     cells = _cells_at(rgb, found, found["radius"])
     if not cells and SECOND_LOOK:
@@ -225,6 +248,7 @@ def _cells_at(rgb: np.ndarray, found: dict, radius: float) -> list[Cell]:
     sx = rgb.shape[1] / small.shape[1]
     margin = CYTOPLASM_MARGIN * radius
     cells = []
+    rectangles = 0
     for index, where in enumerate(ndi.find_objects(groups), start=1):
         if where is None:
             continue
@@ -232,11 +256,16 @@ def _cells_at(rgb: np.ndarray, found: dict, radius: float) -> list[Cell]:
         if area < MIN_NUCLEUS_AREA * rbc_area:
             continue
         ys, xs = where
+        if SMEAR_CHECK and area >= RECTANGLE_EXTENT * (ys.stop - ys.start) * (xs.stop - xs.start):
+            rectangles += 1
+            continue
         x0 = max(0, math.floor((xs.start - margin) * sx))
         y0 = max(0, math.floor((ys.start - margin) * sy))
         x1 = min(rgb.shape[1], math.ceil((xs.stop + margin) * sx))
         y1 = min(rgb.shape[0], math.ceil((ys.stop + margin) * sy))
         cells.append(Cell((x0, y0, x1, y1), round(area * sx * sy), round(area / rbc_area, 3)))
+    if rectangles and rectangles >= len(cells):  # at least half the groups are rectangles: a screenshot
+        return []
     return sorted(cells, key=lambda c: (c.centre[1], c.centre[0]))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from app import create_app
 
@@ -18,11 +18,31 @@ TOKEN_RE = re.compile(r'<input type="hidden" name="csrf_token" value="([^"]+)">'
 LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
 
+def drawn_smear(red_cells=(225, 150, 160), rectangle: bool = False) -> Image.Image:
+    """A drawn 320x240 smear: 40 discs of the given colour round one violet white cell (its nucleus a disc, or a
+    rectangle)."""
+    rng = np.random.default_rng(0)
+    smear = Image.new("RGB", (320, 240), (238, 232, 228))
+    draw = ImageDraw.Draw(smear)
+    for x, y in rng.integers((0, 0), (320, 240), size=(40, 2)):
+        if not (120 < x < 200 and 80 < y < 160):
+            draw.ellipse((x - 14, y - 14, x + 14, y + 14), fill=red_cells)
+    draw.ellipse((135, 95, 185, 145), fill=(200, 170, 210))  # cytoplasm
+    if rectangle:
+        draw.rectangle((140, 100, 180, 140), fill=(110, 50, 150))
+    else:
+        draw.ellipse((142, 102, 178, 138), fill=(110, 50, 150))
+    return smear
+
+
 def make_image(fmt: str = "PNG", mode: str = "RGB", size: tuple[int, int] = (320, 240), **save_args) -> bytes:
-    """Encoded image bytes made in memory: a gradient, so that different images give different predictions."""
+    """Encoded image bytes made in memory: drawn_smear() (the cell finder finds its white cell from 32x32 up),
+    tinted by a gradient and resized, so that different images give different predictions."""
+    smear = drawn_smear()
+    ramp = np.asarray(Image.linear_gradient("L").resize((320, 240)), np.float32)[..., None] / 255
+    tint = 0.85 + 0.15 * np.concatenate([ramp, ramp[:, ::-1], np.ones_like(ramp)], axis=-1)
+    rgb = Image.fromarray((np.asarray(smear, np.float32) * tint).astype(np.uint8)).resize(size)
     gradient = Image.linear_gradient("L").resize(size)
-    mirrored = gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    rgb = Image.merge("RGB", (gradient, mirrored, Image.new("L", size, 90)))
     if mode == "RGB":
         image = rgb
     elif mode == "RGBA":

@@ -35,6 +35,7 @@ from hematovision.abstention import (
 )
 from hematovision.classifier import abstention_path_for, load_classifier, metadata_path_for
 from hematovision.fast_runtime import sha256_of
+from tests.test_cells import FIELDS
 from training import pipeline
 
 LABELS = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
@@ -329,8 +330,8 @@ def png(array: np.ndarray) -> bytes:
 
 
 def test_api_and_pages_answer_uncertain_with_the_reason(fitted_model):
-    """Through the app's pipeline (white cells found first, each classified on its crop): a blank image has no white
-    cell; random noise is found as one cell-sized blob whose crop is unlike every training cell."""
+    """Through the app's pipeline (white cells found first, each classified on its crop): a blank image and random
+    noise (not a smear) have no white cell; a real smear's white cell is unlike every made-up training cell."""
     from hematovision.batch import NO_WHITE_CELL
     from tests.test_api import post_files
     from tests.test_batch import post_files as post_page_files
@@ -338,18 +339,20 @@ def test_api_and_pages_answer_uncertain_with_the_reason(fitted_model):
     app = create_app({"TESTING": True, "MODEL_PATH": str(fitted_model)})
     client = app.test_client()
     white, noise = png(not_cells()[0]), png(not_cells()[2])
-    results = post_files(client, [("white.png", white), ("noise.png", noise)]).get_json()
-    blank, unlike = results["results"]
+    smear = (FIELDS / "bccd_00001_one_wbc.jpg").read_bytes()
+    results = post_files(client, [("white.png", white), ("noise.png", noise), ("smear.jpg", smear)]).get_json()
+    blank, grainy, unlike = results["results"]
     assert (blank["uncertain"], blank["reason"], blank["cells"]) == (True, NO_WHITE_CELL, [])
+    assert (grainy["uncertain"], grainy["reason"], grainy["cells"]) == (True, NO_WHITE_CELL, [])
     assert (unlike["uncertain"], unlike["reason"]) == (True, UNLIKE_TRAINING)
     assert [cell["reason"] for cell in unlike["cells"]] == [UNLIKE_TRAINING]
 
-    page = html.unescape(client.post("/predict", data={"file": (io.BytesIO(noise), "noise.png")},
+    page = html.unescape(client.post("/predict", data={"file": (io.BytesIO(smear), "smear.jpg")},
                                      content_type="multipart/form-data").get_data(as_text=True))
     assert "Answer: Uncertain / not a white blood cell" in page and "not like any training cell" in page
 
-    batch = html.unescape(post_page_files(client, [("white.png", white), ("noise.png", noise)]).get_data(as_text=True))
-    assert "Uncertain cells (1)" in batch and "noise.png, cell 1: not like any training cell" in batch
+    batch = html.unescape(post_page_files(client, [("white.png", white), ("smear.jpg", smear)]).get_data(as_text=True))
+    assert "Uncertain cells (1)" in batch and "smear.jpg, cell 1: not like any training cell" in batch
     assert "No white blood cell found (1)" in batch
     assert "Over the 0 white cells" in batch
 

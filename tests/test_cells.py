@@ -19,6 +19,7 @@ from hematovision.cells import (
     primary_index,
     white_balance,
 )
+from tests.conftest import drawn_smear
 
 FIELDS = Path(__file__).parent / "data" / "fields"
 TWO_WBC_BOXES = [(11, 114, 102, 210), (119, 126, 255, 235)]  # BloodImage_00010 at 320x240 (README there)
@@ -89,6 +90,27 @@ def test_boxes_scale_with_the_image():
 )
 def test_no_white_cell(rgb):
     assert find_white_cells(rgb) == []
+
+
+@pytest.mark.parametrize(
+    "rgb",
+    [
+        np.asarray(drawn_smear(rectangle=True)),
+        np.asarray(drawn_smear(red_cells=(170, 200, 120))),
+        np.clip(field("bccd_00001_one_wbc.jpg") + np.random.default_rng(0).normal(0, 40, (240, 320, 3)), 0, 255),
+    ],
+    ids=["violet-rectangle", "green-red-cells", "grainy"],
+)
+def test_not_a_smear_has_no_white_cell(rgb, monkeypatch):
+    rgb = rgb.astype(np.uint8)
+    assert find_white_cells(rgb) == []
+    monkeypatch.setattr(cells_module, "SMEAR_CHECK", False)  # the smear check, not the drawing, removed the cell
+    assert len(find_white_cells(rgb)) >= 1
+
+
+def test_a_drawn_smear_has_its_white_cell():
+    found = find_white_cells(np.asarray(drawn_smear()))
+    assert len(found) == 1 and inside(found[0], (135, 95, 185, 145))
 
 
 def test_black_rotation_corners_are_not_cells():

@@ -63,7 +63,7 @@ def coarse(picture: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def augment(crops: np.ndarray, size: int, rng: np.random.Generator, *, min_scale: float = 0.85,
-            stain: float = 0.08, light: float = 0.15, grey: float = 0.1, blur: float = 0.2,
+            stain: float = 0.08, light: float = 0.15, grey: float = 0.0, blur: float = 0.2,
             lowres: float = 0.0) -> np.ndarray:
     """(N, H, W, 3) uint8 crops -> (N, size, size, 3) float32 0-255 augmented copies; a share `lowres` of them
     through coarse()."""

@@ -62,7 +62,7 @@ DEFAULTS = {
     "label_smoothing": 0.0,
     "average": 0,
     "stain": 0.15,
-    "grey": 0.1,
+    "grey": 0.0,
     "lowres": 0.0,
     "devices": 1,
 }

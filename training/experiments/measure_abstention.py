@@ -7,7 +7,7 @@
         --noncell-dir /tmp/hv_noncell --data-root ../shared/data [--json training/experiments/results/abstention.json]
 
 - non-cells (make_noncell_set.py): the share with no answer, i.e. no white cell found or "uncertain", overall and
-  per kind (goal >= 0.95);
+  per kind (goal >= 0.95); with --second-noncell-dir also on the draw that choices were made on (seed 1);
 - LISC's basophils (test cells; a type the model does not know): the share with no answer (goal >= 0.80).
 Each lab's share answered and accuracy when answered are in the model's metadata (train.py's evaluation).
 """
@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=config.SHIPPED_MODEL)
     p.add_argument("--noncell-dir", type=Path, required=True)
+    p.add_argument("--second-noncell-dir", type=Path,
+                   help="also the validation draw of the non-cells (make_noncell_set.py --seed 1), reported apart")
     p.add_argument("--data-root", type=Path, help="also measure LISC's basophils")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
@@ -54,11 +56,14 @@ def main(argv=None) -> dict:
     from hematovision.classifier import load_classifier
 
     classifier = load_classifier(args.model)
-    rows = splits.noncell_rows(args.noncell_dir)
-    flags = no_answer(classifier, rows)
-    kinds = np.asarray(rows.groups)
-    result = {"model": args.model.name, "noncell": rate(flags),
-              "noncell_by_kind": {k: rate(flags[kinds == k]) for k in sorted(set(kinds))}}
+    result = {"model": args.model.name}
+    for key, folder in (("noncell", args.noncell_dir), ("noncell_second_draw", args.second_noncell_dir)):
+        if folder is not None:
+            rows = splits.noncell_rows(folder)
+            flags = no_answer(classifier, rows)
+            kinds = np.asarray(rows.groups)
+            result[key] = rate(flags)
+            result[f"{key}_by_kind"] = {k: rate(flags[kinds == k]) for k in sorted(set(kinds))}
     if args.data_root:
         basophils = splits.lisc(args.data_root, classifier.labels, "test", include_unknown=True)
         basophils = basophils.subset([i for i, t in enumerate(basophils.targets) if t < 0])
