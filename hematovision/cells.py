@@ -23,11 +23,10 @@ How a white cell is found (all on a copy whose longest side is about ``WORK_SIDE
 6. Is it a stained smear at all? A photo, a screenshot, a page of text or noise can hold violet blobs too. No white
    cell is found in an image whose red cells are not red (their stain level below ``SMEAR_LEVEL_MIN``: the photo's
    "red cells" are green, yellow or blue) or whose empty slide is grainier than a microscope camera's
-   (``SMEAR_NOISE_MAX``). A nucleus
-   group that fills its box like a rectangle (``RECTANGLE_EXTENT``: a button, a bar, a block of text; a nucleus,
-   round or lobed, fills at most ~0.8 of its box) is not a white cell, and an image where at least half the
-   groups are rectangles is not a smear. Measured, with the margins to the three labs' cells, by
-   training/experiments/measure_smear_check.py.
+   (``SMEAR_NOISE_MAX``). A nucleus group that fills its box like a rectangle (``RECTANGLE_EXTENT``: a button, a
+   bar; a disc fills pi/4 of its box, a lobed nucleus less) is not a white cell, and an image where at least half
+   the groups are rectangles is not a smear. What it costs on three labs' images, and the margins it keeps, is
+   measured by training/experiments/measure_smear_check.py.
 
 The canonical crop is centred on the cell box's centre, with side ``CROP_SCALE`` x the cell diameter (the larger side
 of the cell box), padded with the background colour where it leaves the photo, resized with Pillow bilinear, then
@@ -60,9 +59,8 @@ CYTOPLASM_MARGIN = 0.5  # the cell box is the nucleus box grown by this many red
 CROP_SCALE = 2.0  # crop side = CROP_SCALE * cell diameter (larger side of the cell box): the cell is ~50% of it
 SLIDE_WHITE = 235.0  # every crop is white-balanced so that its slide background is this neutral grey
 GAIN_LIMITS = (0.6, 1.8)  # per-channel white-balance gains stay in this range (a mis-read background stays harmless)
-SMEAR_LEVEL_MIN = -0.3  # the red cells' stain level (above): -0.04 to 0.32 in three labs, under colour casts too
-SMEAR_NOISE_MAX = 25.0  # median |Laplacian| of the empty slide's grey levels, work copy: <= 6 in three labs, 11 with
-#                         added camera noise (sigma 10)
+SMEAR_LEVEL_MIN = -0.3  # the red cells' stain level (above) in a stained smear is at least this
+SMEAR_NOISE_MAX = 25.0  # median |Laplacian| of the empty slide's grey levels (work copy) in a microscope photo
 RECTANGLE_EXTENT = 0.9  # nucleus pixels / nucleus box: at or above, a rectangle, not a nucleus
 SMEAR_CHECK = True  # step 6 (off only to measure what it changes)
 # Off: measured (docs/training.md, "A second look for missed cells") and not adopted for the shipped model.
