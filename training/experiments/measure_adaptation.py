@@ -22,11 +22,12 @@ one cell never fall on two sides. An adaptation gets k cells per class, one crop
    cell found) of LISC's test basophils (a type the model does not know) and, with --noncell-dir
    (training/experiments/make_noncell_set.py), of images that are not white cells, beside the base's own.
 
-Writes training/experiments/results/adaptation.json (--json). The statistics mix adapt.py uses was chosen on both
-labs' validation cells at k = 5 (each with the model that never saw it; results/adaptation_choose_{lisc,pbc}.json):
+Writes training/experiments/results/adaptation.json (--json). The statistics mix and L2 pull adapt.py use were
+chosen on both labs' validation cells at k = 5 (each with the model that never saw it;
+results/adaptation_choose_{lisc,pbc}.json; the setting with the best mean over the two labs):
 
     python training/experiments/measure_adaptation.py --lab pbc --base /tmp/lolo/pbc/blood_cell_model.h5 \
-        --ks 5 --seeds 3 --mixes 0.5,0.625,0.75 --l2s 1e-5 --served-views 8 --command-ks "" \
+        --ks 5 --seeds 3 --mixes 0,0.5,0.75 --l2s 1e-5,1e-4,1e-3 --served-views 8 --command-ks "" \
         --json training/experiments/results/adaptation_choose_pbc.json
 
 and adapt.py's defaults then measured on each lab's test cells (the README's table):
