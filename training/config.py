@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +39,10 @@ def display_path(path: str | Path) -> str:
         return path.resolve().relative_to(ROOT).as_posix()
     except ValueError:
         return Path(*path.parts[-2:]).as_posix() if len(path.parts) >= 2 else path.name
+
+
+def write_json(path: str | Path, data) -> None:
+    """A measurement's result as indented JSON, its folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

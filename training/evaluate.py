@@ -64,8 +64,7 @@ def main(argv=None) -> int:
     result.update({"data": name, "model": args.model.name})
     print(format_report(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        config.write_json(args.json, result)
     if args.plot:
         plot_confusion(result, args.plot, f"{name}: accuracy {result['accuracy']:.3f} (n={result['n']})")
     if args.update_metadata:

@@ -11,7 +11,6 @@ the non-cell set are read whole. "primary" counts only the cell the app answers 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hematovision.imaging import ImageRejected, prepare_field
-from training import splits
+from training import config, splits
 
 RATIOS = (2.5, 3.0)
 
@@ -68,8 +67,7 @@ def main(argv=None) -> dict:
                             **{f"primary_over_{r}": int((primary > r).sum()) for r in RATIOS}}
             print(name, result[name], flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        config.write_json(args.json, result)
     return result
 
 

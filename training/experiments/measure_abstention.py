@@ -70,8 +70,7 @@ def main(argv=None) -> dict:
         result["lisc_basophils_test"] = rate(no_answer(classifier, basophils))
     print(json.dumps(result, indent=2))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        config.write_json(args.json, result)
     return result
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def main(argv=None) -> int:
             print(f"{lab:5s} {name:28s} found {figures['cell_found']:.3f} accuracy {figures['accuracy']:.3f} "
                   f"answered {figures['answered']:.3f}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        config.write_json(args.json, result)
     return 0
 
 

@@ -366,8 +366,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["seconds"] = round(time.time() - started)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    config.write_json(args.json, result)
     print(f"wrote {args.json}")
     return 0
 

@@ -13,7 +13,6 @@ without it. Validation rows only (no test rows).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
                 print(f"{name:12s} {lab:6s} {cast_name:7s} {accuracy:.4f}", flush=True)
     cells.white_balance = balance
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        config.write_json(args.json, result)
     return 0
 
 

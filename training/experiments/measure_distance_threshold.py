@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training import splits
+from training import config, splits
 from training.cropsets import load_crops
 
 FLAGGED_SHARES = (0.005, 0.01, 0.02, 0.03, 0.05)  # pooled validation cells over the candidate distances
@@ -76,8 +76,7 @@ def main(argv=None) -> dict:
         print(json.dumps(row), flush=True)
         result["candidates"].append(row)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        config.write_json(args.json, result)
     return result
 
 

@@ -101,8 +101,7 @@ def main(argv=None) -> dict:
         print(f"non-cell {kind}", json.dumps(row), flush=True)
     result["noncell_set"] = f"{args.noncell_dir.name}: {len(rows)} images"
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        config.write_json(args.json, result)
     return result
 
 

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         by_lab["mean"] = round(float(np.mean(list(by_lab.values()))), 4)
     print(json.dumps(result["by_views"], indent=1))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        config.write_json(args.json, result)
     return 0
 
 

@@ -72,8 +72,7 @@ def main(argv=None) -> int:
                       f"{run['best_single']['val_mean']:.4f})", flush=True)
         result["runs"][f"high_epochs_{end - low}"] = run
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        config.write_json(args.json, result)
     return 0
 
 
