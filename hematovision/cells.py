@@ -23,8 +23,9 @@ How a white cell is found (all on a copy whose longest side is about ``WORK_SIDE
 6. Is it a stained smear at all? A photo, a screenshot, a page of text or noise can hold violet blobs too. No white
    cell is found in an image whose red cells are not red (their stain level below ``SMEAR_LEVEL_MIN``: the photo's
    "red cells" are green, yellow or blue) or whose empty slide is grainier than a microscope camera's
-   (``SMEAR_NOISE_MAX``). A nucleus group that fills its box like a rectangle (``RECTANGLE_EXTENT``: a button, a
-   bar; a disc fills pi/4 of its box, a lobed nucleus less) is not a white cell, and an image where at least half
+   (``SMEAR_NOISE_MAX``). A nucleus group inside the photo that fills its box like a rectangle
+   (``RECTANGLE_EXTENT``: a button, a bar; a disc fills pi/4 of its box, a lobed nucleus less; one cut by the
+   photo's edge can fill its clipped box) is not a white cell, and an image where at least half
    the groups are rectangles is not a smear. What it costs on three labs' images, and the margins it keeps, is
    measured by training/experiments/measure_smear_check.py.
 
@@ -62,6 +63,7 @@ GAIN_LIMITS = (0.6, 1.8)  # per-channel white-balance gains stay in this range (
 SMEAR_LEVEL_MIN = -0.3  # the red cells' stain level (above) in a stained smear is at least this
 SMEAR_NOISE_MAX = 25.0  # median |Laplacian| of the empty slide's grey levels (work copy) in a microscope photo
 RECTANGLE_EXTENT = 0.9  # nucleus pixels / nucleus box: at or above, a rectangle, not a nucleus
+RECTANGLE_MIN_SIDE = 6  # work pixels: a smaller group has too few pixels to have a shape
 SMEAR_CHECK = True  # step 6 (off only to measure what it changes)
 # Off: measured (docs/training.md, "A second look for missed cells") and not adopted for the shipped model.
 SECOND_LOOK = False  # where no white cell is found, read the red-cell radius again with only pale centres filled
@@ -254,7 +256,12 @@ def _cells_at(rgb: np.ndarray, found: dict, radius: float) -> list[Cell]:
         if area < MIN_NUCLEUS_AREA * rbc_area:
             continue
         ys, xs = where
-        if SMEAR_CHECK and area >= RECTANGLE_EXTENT * (ys.stop - ys.start) * (xs.stop - xs.start):
+        height, width = ys.stop - ys.start, xs.stop - xs.start
+        # A shape needs pixels to show (a speck of a few pixels fills its box), and a nucleus cut by the photo's
+        # edge fills its clipped box: only a group of some size inside the photo can be a rectangle.
+        shaped = min(height, width) >= RECTANGLE_MIN_SIDE and ys.start > 0 and xs.start > 0 and \
+            ys.stop < small.shape[0] and xs.stop < small.shape[1]
+        if SMEAR_CHECK and shaped and area >= RECTANGLE_EXTENT * height * width:
             rectangles += 1
             continue
         x0 = max(0, math.floor((xs.start - margin) * sx))

@@ -108,6 +108,13 @@ def test_not_a_smear_has_no_white_cell(rgb, monkeypatch):
     assert len(find_white_cells(rgb)) >= 1
 
 
+def test_a_nucleus_cut_by_the_photos_edge_is_not_taken_for_a_rectangle():
+    """Cut by the edge, a nucleus fills its clipped box: the rectangle test leaves it alone (a tight crop's cell)."""
+    field = np.asarray(drawn_smear(rectangle=True))
+    assert find_white_cells(field) == []
+    assert len(find_white_cells(np.ascontiguousarray(field[:, :165]))) == 1
+
+
 def test_a_drawn_smear_has_its_white_cell():
     found = find_white_cells(np.asarray(drawn_smear()))
     assert len(found) == 1 and inside(found[0], (135, 95, 185, 145))

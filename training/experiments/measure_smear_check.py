@@ -1,7 +1,8 @@
 """What the detector's smear check (hematovision.cells, step 6) costs and buys: on the three labs' training and
 validation images, how many images lose their white cells to it (the cost) and how far each lab's values stay from
 the limits; on a non-cell *validation* set, how many images it clears of "cells" (what it buys). The non-cell set
-of measure_abstention.py (seed 20261126) stays the test and is not read here; neither are any lab's test rows.
+of measure_abstention.py (seed 20261126) stays the test and is not read here; neither are any lab's test rows,
+unless --splits names them (to confirm that the check moves no primary cell there, after the choice).
 
     python training/experiments/make_noncell_set.py --bccd-dir ../shared/data/blood-cells/dataset-master \
         --out /tmp/hv_noncell_val --seed 1
@@ -26,13 +27,13 @@ import hematovision.cells as cells
 from hematovision.imaging import ImageRejected, decode_image, to_rgb
 from training import config, splits
 
-SPLITS = ("train", "validation")
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--noncell-dir", type=Path, required=True, help="a non-cell set made with another --seed")
+    p.add_argument("--splits", default="train,validation",
+                   help="the labs' splits to read (test: only to confirm that no answer of the model changes)")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -50,6 +51,8 @@ def reading(path: Path) -> dict | None:
     after = cells._cells(rgb, found)
     if found is None or not before:
         return {"before": 0, "after": len(after)}
+    primary_before = before[cells.primary_index(before, rgb.shape)].box
+    primary_after = after[cells.primary_index(after, rgb.shape)].box if after else None
     groups, _ = ndi.label(ndi.binary_dilation(found["nucleus"], iterations=max(1, round(
         cells.LOBE_GAP * found["radius"] / 2))))
     groups = np.where(found["nucleus"], groups, 0)
@@ -58,14 +61,15 @@ def reading(path: Path) -> dict | None:
     extents = [areas[i] / groups[w].size for i, w in enumerate(ndi.find_objects(groups), start=1)
                if w and areas[i] >= least]
     return {"before": len(before), "after": len(after), "level": found["level"], "grain": found["grain"],
-            "max_extent": max(extents)}
+            "max_extent": max(extents), "primary_changed": primary_after != primary_before}
 
 
 def summary(readings: list[dict | None]) -> dict:
     found = [r for r in readings if r and r["before"]]
     out = {"images": len(readings), "with_a_cell": len(found),
            "with_a_cell_after_check": sum(1 for r in readings if r and r["after"]),
-           "cells": sum(r["before"] for r in found), "cells_after_check": sum(r["after"] for r in found)}
+           "cells": sum(r["before"] for r in found), "cells_after_check": sum(r["after"] for r in found),
+           "primary_cell_changed": sum(r["primary_changed"] for r in found)}
     if found:
         out.update({"level_min": round(min(r["level"] for r in found), 3),
                     "grain_max": round(max(r["grain"] for r in found), 2),
@@ -85,7 +89,7 @@ def main(argv=None) -> dict:
               ("SMEAR_LEVEL_MIN", "SMEAR_NOISE_MAX", "RECTANGLE_EXTENT")}
     result = {"limits": limits, "labs": {}, "noncell": {}}
     for lab in config.LABS:
-        for split in SPLITS:
+        for split in args.splits.split(","):
             rows = splits.lab_rows(lab, args.data_root, config.LABELS, split)
             result["labs"][f"{lab} {split}"] = row = summary(read_all(rows.paths))
             print(f"{lab} {split}", json.dumps(row), flush=True)
