@@ -239,22 +239,28 @@ def _cells(rgb: np.ndarray, found: dict | None) -> list[Cell]:
     return cells
 
 
-def _cells_at(rgb: np.ndarray, found: dict, radius: float) -> list[Cell]:
-    small, nucleus = found["small"], found["nucleus"]
+def nucleus_groups(nucleus: np.ndarray, radius: float):
+    """(slices, nucleus area) of each group of nucleus pieces (lobes closer than LOBE_GAP red-cell radii) large
+    enough to be a white cell's nucleus (MIN_NUCLEUS_AREA red-cell areas), in work-copy pixels."""
     groups, _ = ndi.label(ndi.binary_dilation(nucleus, iterations=max(1, round(LOBE_GAP * radius / 2))))
     groups = np.where(nucleus, groups, 0)
+    least = MIN_NUCLEUS_AREA * (math.pi * radius**2)
+    for index, where in enumerate(ndi.find_objects(groups), start=1):
+        if where is not None:
+            area = int((groups[where] == index).sum())
+            if area >= least:
+                yield where, area
+
+
+def _cells_at(rgb: np.ndarray, found: dict, radius: float) -> list[Cell]:
+    small = found["small"]
     rbc_area = math.pi * radius**2
     sy = rgb.shape[0] / small.shape[0]
     sx = rgb.shape[1] / small.shape[1]
     margin = CYTOPLASM_MARGIN * radius
     cells = []
     rectangles = 0
-    for index, where in enumerate(ndi.find_objects(groups), start=1):
-        if where is None:
-            continue
-        area = int((groups[where] == index).sum())
-        if area < MIN_NUCLEUS_AREA * rbc_area:
-            continue
+    for where, area in nucleus_groups(found["nucleus"], radius):
         ys, xs = where
         height, width = ys.stop - ys.start, xs.stop - xs.start
         # A shape needs pixels to show (a speck of a few pixels fills its box), and a nucleus cut by the photo's

@@ -21,7 +21,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 import hematovision.cells as cells
 from hematovision.imaging import ImageRejected, decode_image, to_rgb
@@ -53,13 +52,8 @@ def reading(path: Path) -> dict | None:
         return {"before": 0, "after": len(after)}
     primary_before = before[cells.primary_index(before, rgb.shape)].box
     primary_after = after[cells.primary_index(after, rgb.shape)].box if after else None
-    groups, _ = ndi.label(ndi.binary_dilation(found["nucleus"], iterations=max(1, round(
-        cells.LOBE_GAP * found["radius"] / 2))))
-    groups = np.where(found["nucleus"], groups, 0)
-    least = cells.MIN_NUCLEUS_AREA * np.pi * found["radius"] ** 2  # groups large enough to be a cell
-    areas = {i: int((groups[w] == i).sum()) for i, w in enumerate(ndi.find_objects(groups), start=1) if w}
-    extents = [areas[i] / groups[w].size for i, w in enumerate(ndi.find_objects(groups), start=1)
-               if w and areas[i] >= least]
+    extents = [area / ((ys.stop - ys.start) * (xs.stop - xs.start))
+               for (ys, xs), area in cells.nucleus_groups(found["nucleus"], found["radius"])]
     return {"before": len(before), "after": len(after), "level": found["level"], "grain": found["grain"],
             "max_extent": max(extents), "primary_changed": primary_after != primary_before}
 
