@@ -363,6 +363,7 @@ def _adaptation(adaptation: dict, labels: list[str]) -> dict:
         "accuracy": _number(figures.get("accuracy")),
         "ci": (ci[0], ci[1]) if len(ci) == 2 and all(_number(v) is not None for v in ci) else None,
         "n": _number(figures.get("n")),
+        "before_fine_tune": bool(_number(_dict(adaptation.get("settings")).get("fine_tune_steps"))),
         "time": human_duration(adaptation.get("seconds")),
         "command": adaptation.get("command") if isinstance(adaptation.get("command"), str) else None,
     }

@@ -146,6 +146,45 @@ def test_statistics_mix_the_labs_with_the_models_own():
     assert bn.trainable is False and bn.momentum == 0.99  # put back as they were
 
 
+def first_conv(model_path) -> str:
+    """The name of the tiny model's convolution (the MobileNetV2 layer adapt.py fine-tunes from is not there)."""
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    return next(layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+
+
+def test_fine_tune_trains_from_the_named_layer_on_and_never_batch_norm():
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(4, 3, name="early")(layers.Rescaling(1 / 127.5, offset=-1)(inputs))
+    x = layers.BatchNormalization(name="bn")(layers.Conv2D(4, 3, name="late")(x))
+    outputs = layers.Dense(4, activation="softmax", name="head")(layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in model.layers if layer.weights}
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    assert adapt.fine_tune(model, crops, np.arange(6) % 4, steps=4, first_layer="late", learning_rate=0.05,
+                           batch_size=4, progress=False) == 2  # late and head; bn has weights but stays frozen
+    after = {layer.name: layer.get_weights() for layer in model.layers if layer.weights}
+    for name in ("early", "bn"):
+        for old, new in zip(before[name], after[name], strict=True):
+            np.testing.assert_array_equal(old, new)
+    for name in ("late", "head"):
+        assert not np.allclose(before[name][0], after[name][0])
+    assert not any(layer.trainable for layer in model.layers if layer.weights)  # frozen again afterwards
+
+
+def test_a_base_without_the_layer_to_fine_tune_from_is_refused(tmp_path, capsys, tiny_model_path):
+    data = write_lab(tmp_path / "lab", per_class=2)
+    assert_refused(tmp_path, capsys, ["--data-dir", data, "--base", tiny_model_path], "block_13_expand",
+                   "--fine-tune-steps 0")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def base_with_rule(tmp_path, tiny_model_path):
     """The tiny model with a calibration and a fitted "uncertain" rule (feature density), as a shipped model has."""
@@ -188,7 +227,8 @@ def test_adapting_the_tiny_model_writes_a_model_the_app_serves(tmp_path, capsys,
 
     data = write_lab(tmp_path / "my_lab", per_class=3)
     out = tmp_path / "out" / "lab.h5"
-    code, printed, err = run(["--data-dir", data, "--base", base_with_rule, "--out", out], capsys)
+    tuned = ["--fine-tune-from", first_conv(base_with_rule), "--fine-tune-steps", "3"]
+    code, printed, err = run(["--data-dir", data, "--base", base_with_rule, "--out", out, *tuned], capsys)
     assert code == 0, err
     assert "my_lab/eosinophil/cell_0.png: 2 white cells found" in printed  # said for each such file
     assert sorted(p.name for p in out.parent.iterdir()) == ["lab.h5", "lab.json", "lab.tflite", "lab.tflite.json",
@@ -200,6 +240,8 @@ def test_adapting_the_tiny_model_writes_a_model_the_app_serves(tmp_path, capsys,
     assert adaptation["images_per_class"] == dict.fromkeys(LABELS, 3)
     assert adaptation["figures"]["n"] == 12 and 0.0 <= adaptation["figures"]["accuracy"] <= 1.0
     assert adaptation["method"] and adaptation["created"] == metadata["created"]
+    assert "fine-tuned for 3 batches" in adaptation["method"] and adaptation["settings"]["fine_tune_steps"] == 3
+    assert "before the fine-tune" in adaptation["figures"]["method"]  # what the leave-one-out figures leave out
     assert metadata["evaluation"] == {}  # the base's test figures do not describe this model
     assert metadata["calibration"]["temperature"] >= 1.0
     assert metadata["abstention"]["min_probability"] == 0.3  # the base's
@@ -214,7 +256,7 @@ def test_adapting_the_tiny_model_writes_a_model_the_app_serves(tmp_path, capsys,
     # the given images lie within the distance threshold: it is at least their leave-one-out distances
     assert (answer.distances <= metadata["abstention"]["max_distance"] + 1e-3).all()
 
-    code, _, err = run(["--data-dir", data, "--base", base_with_rule, "--out", out, "--force"], capsys)
+    code, _, err = run(["--data-dir", data, "--base", base_with_rule, "--out", out, "--force", *tuned], capsys)
     assert code == 0, err  # --force replaces it
 
 
@@ -228,7 +270,8 @@ def test_a_crash_leaves_nothing_at_out(tmp_path, capsys, base_with_rule, monkeyp
     data = write_lab(tmp_path / "lab", per_class=2)
     out = tmp_path / "out" / "lab.h5"
     with pytest.raises(RuntimeError):
-        adapt.main(["--data-dir", str(data), "--base", str(base_with_rule), "--out", str(out)])
+        adapt.main(["--data-dir", str(data), "--base", str(base_with_rule), "--out", str(out),
+                    "--fine-tune-steps", "0"])
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 

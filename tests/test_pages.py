@@ -278,7 +278,7 @@ def test_an_adapted_model_says_so_first(tiny_model_path, tmp_path):
         "data": "mylab", "images_per_class": {label: 10 for label in LABELS}, "unlabelled_images": 0,
         "method": "batch-norm statistics of the lab; final dense layer refitted", "command": "python training/adapt.py",
         "figures": {"n": 40, "accuracy": 0.9, "accuracy_ci95": [0.77, 0.96]}, "seconds": 95.2,
-        "base_evaluation": base["evaluation"],
+        "base_evaluation": base["evaluation"], "settings": {"fine_tune_steps": 80},
     }
     model = write_model(tiny_model_path, tmp_path / "adapted", metadata)
     text = " ".join(page_text(create_app({"TESTING": True, "MODEL_PATH": str(model)}).test_client().get("/model"))
@@ -286,13 +286,15 @@ def test_an_adapted_model_says_so_first(tiny_model_path, tmp_path):
     headline = f"Adapted from {base['name']} on 10 images per class"
     assert headline in text and text.index(headline) < text.index("Limitations")
     assert "1 December 2026" in text and "90.0%" in text and "77.0%–96.0%" in text
+    assert "each left out in turn (before the last step, a short training on all of them):" in text
     assert "The figures below are the base model's" in text and "91.2%" in text  # the base's, said to be
 
 
 @pytest.mark.parametrize("broken", [
     {"training": "not a dict"}, {"evaluation": {"kaggle_test": {"accuracy": "high"}}}, {"created": "yesterday"},
     {"training": {"history": [None, {"phase": "head"}], "settings": None, "data": {"train": []}}},
-    {"adaptation": {"images_per_class": None, "figures": []}}, {"validation": {"by_lab": {"kaggle": None}}},
+    {"adaptation": {"images_per_class": None, "figures": [], "settings": [1]}},
+    {"validation": {"by_lab": {"kaggle": None}}},
 ])
 def test_model_card_never_fails_on_odd_metadata(tiny_model_path, tmp_path, broken):
     model = write_model(tiny_model_path, tmp_path / "odd", realistic_metadata() | broken, {"held_out": []})

@@ -11,7 +11,8 @@ one cell never fall on two sides. An adaptation gets k cells per class, one crop
    validation cells, for every setting of the grid (share of the lab's batch-norm statistics x L2 pull of the
    refitted classifier towards the base's x test-time views served; "statistics only" and "classifier only"
    (mix 0) among them), k = 1, 5, 20, --seeds draws each. The setting with the best mean validation accuracy is
-   chosen. The test cells are not read.
+   chosen. The test cells are not read. The grid has no fine-tune (adapt.py's step 3): that was chosen apart, by
+   measure_adapt_fine_tune.py.
 2. test (LISC train + validation -> test): the chosen setting, k cells per class drawn from the train and
    validation cells, accuracy on all crops of the test cells (a crop where no white cell is found counts as
    wrong); k = 0 is the base model as it is. k = 1 calls training.adapt.adapt() itself: the command wants at least
@@ -170,7 +171,7 @@ def choose(base: Base, train, validation, ks, seeds, mixes, l2s, views_served) -
             for mix in mixes:
                 model = base.fresh()
                 adaptation = adapt.adapt(model, train.crops[chosen], train.targets[chosen], stats_mix=mix,
-                                         head_l2=l2s[0], runner=base.runner, progress=False)
+                                         head_l2=l2s[0], fine_tune_steps=0, runner=base.runner, progress=False)
                 features = [base.runner(view)[1] for view in symmetric_views(validation.crops, most)]
                 if mix:
                     record(f"statistics only, mix {mix:g}", k,
@@ -216,7 +217,8 @@ def test(base: Base, pool, test_set, ks, seeds, setting: dict) -> dict:
             started = time.perf_counter()
             adaptation = adapt.adapt(model, pool.crops[chosen], pool.targets[chosen],
                                      stats_mix=setting["stats_mix"], head_l2=setting["head_l2"],
-                                     runner=base.runner, progress=False)
+                                     fine_tune_steps=setting.get("fine_tune_steps", 0), runner=base.runner,
+                                     progress=False)
             seconds.append(time.perf_counter() - started)
             probabilities = served_probabilities(base.runner, test_set.crops, adaptation.head,
                                                  setting["test_time_views"])
@@ -260,7 +262,8 @@ def command(base_path: Path, pool, test_set, others: dict, k: int, setting: dict
     out = workdir / f"adapted_{k}" / "model.h5"
     line = [sys.executable, str(ROOT / "training" / "adapt.py"), "--data-dir", str(data), "--out", str(out),
             "--base", str(base_path), "--stats-mix", str(setting["stats_mix"]), "--head-l2", str(setting["head_l2"]),
-            "--test-time-views", str(setting["test_time_views"])]
+            "--test-time-views", str(setting["test_time_views"]),
+            "--fine-tune-steps", str(setting.get("fine_tune_steps", 0))]
     if cores:
         line = ["taskset", "-c", ",".join(str(c) for c in range(cores))] + line
     started = time.perf_counter()
@@ -330,7 +333,8 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, TensorFlow threads {args.threads or 'all'}",
     }
     defaults = {"stats_mix": adapt.DEFAULTS["stats_mix"], "head_l2": adapt.DEFAULTS["head_l2"],
-                "test_time_views": adapt.DEFAULTS["test_time_views"]}
+                "test_time_views": adapt.DEFAULTS["test_time_views"],
+                "fine_tune_steps": adapt.DEFAULTS["fine_tune_steps"]}
     if args.skip_choose:
         setting = defaults
         result["choose"] = {"chosen": {"name": "training/adapt.py's defaults (not chosen on this lab)", **setting}}
@@ -339,7 +343,7 @@ def main(argv=None) -> int:
         result["choose"] = choose(base, sets["train"], sets["validation"], ks, args.seeds,
                                   [float(m) for m in args.mixes.split(",")], [float(v) for v in args.l2s.split(",")],
                                   [int(v) for v in args.served_views.split(",")])
-        setting = {key: result["choose"]["chosen"][key] for key in defaults}
+        setting = {key: result["choose"]["chosen"].get(key, 0) for key in defaults}  # the grid: no fine-tune
         print(f"   chosen: {result['choose']['chosen']['name']}", flush=True)
         if setting != defaults:
             print(f"   note: training/adapt.py's defaults {defaults} are not the chosen setting", flush=True)
