@@ -34,18 +34,33 @@ def base_of(model: keras.Model) -> keras.Model:
     return model.get_layer(BASE_NAME)
 
 
+def flat_layers(model: keras.Model) -> list:
+    """Every layer of the model in the order it runs them, the layers of nested models (MobileNetV2) in its place."""
+    found = []
+    for layer in model.layers:
+        found += flat_layers(layer) if isinstance(layer, keras.Model) else [layer]
+    return found
+
+
 def set_trainable_from(model: keras.Model, first_layer: str | None) -> int:
-    """Freeze the base below `first_layer` (a layer name of MobileNetV2, e.g. 'block_13_expand');
-    None freezes the whole base, '' unfreezes it all. Batch-norm layers stay frozen, so they run in inference
-    mode: batch statistics of a few labs' crops would drift from the moving averages the model is served with.
-    Returns the number of trainable base layers."""
-    base = base_of(model)
+    """Train the layers from `first_layer` on and freeze those before it, in the order the model runs them: a layer
+    name of MobileNetV2 (e.g. 'block_13_expand') or of any other network, nested models included; None freezes the
+    whole base and trains what follows it (the head), '' trains every layer. Batch-norm layers stay frozen, so they
+    run in inference mode: batch statistics of a few labs' crops would drift from the moving averages the model is
+    served with. ValueError for a name the model does not have. Returns the number of trainable layers with
+    weights."""
+    order = flat_layers(model)
     if first_layer is None:
-        base.trainable = False
-        return 0
-    base.trainable = True
-    names = [layer.name for layer in base.layers]
-    start = 0 if first_layer == "" else names.index(first_layer)
-    for i, layer in enumerate(base.layers):
+        in_base = {id(layer) for layer in flat_layers(base_of(model))}
+        start = max(i for i, layer in enumerate(order) if id(layer) in in_base) + 1
+    elif first_layer == "":
+        start = 0
+    else:
+        names = [layer.name for layer in order]
+        if first_layer not in names:
+            raise ValueError(f"the model has no layer {first_layer!r}")
+        start = names.index(first_layer)
+    model.trainable = True  # every nested model too: a frozen one would hold its layers' own flags back
+    for i, layer in enumerate(order):
         layer.trainable = i >= start and not isinstance(layer, layers.BatchNormalization)
-    return sum(layer.trainable for layer in base.layers)
+    return sum(bool(layer.trainable and layer.weights) for layer in order)

@@ -363,33 +363,6 @@ def softmax_of(features: np.ndarray, head: tuple[np.ndarray, np.ndarray]) -> np.
     return softmax(np.asarray(features, np.float64) @ head[0] + head[1], axis=1)
 
 
-def trainable_from(model, first_layer: str | None) -> int:
-    """Train every layer from `first_layer` (a layer name, nested models included) on, in the order the model
-    runs them, and freeze the rest; batch-norm layers always stay frozen (they run in inference mode with the
-    statistics step's mix). None freezes everything. Returns the number of trainable layers with weights."""
-    import keras
-
-    def flat(layer):
-        if isinstance(layer, keras.Model):
-            for inner in layer.layers:
-                yield from flat(inner)
-        else:
-            yield layer
-
-    layers = [layer for top in model.layers for layer in flat(top)]
-    names = [layer.name for layer in layers]
-    if first_layer is not None and first_layer not in names:
-        raise DataError(f"the base model has no layer '{first_layer}' to fine-tune from; pass --fine-tune-from "
-                        "with one of its layers, or --fine-tune-steps 0")
-    start = len(layers) if first_layer is None else names.index(first_layer)
-    model.trainable = True
-    for top in model.layers:
-        top.trainable = True  # a nested model's own flag would otherwise override its layers'
-    for i, layer in enumerate(layers):
-        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
-    return sum(bool(layer.trainable and layer.weights) for layer in layers)
-
-
 def fine_tune(model, crops: np.ndarray, targets: np.ndarray, *, steps: int = DEFAULTS["fine_tune_steps"],
               first_layer: str = DEFAULTS["fine_tune_from"], learning_rate: float = DEFAULTS["fine_tune_lr"],
               batch_size: int = DEFAULTS["fine_tune_batch"], seed: int = DEFAULTS["seed"],
@@ -400,13 +373,15 @@ def fine_tune(model, crops: np.ndarray, targets: np.ndarray, *, steps: int = DEF
     of steps is fixed, so the time does not grow with the number of images. Returns the trainable layer count."""
     import keras
 
+    from hematovision.network import set_trainable_from
     from training.augment import augment
 
     crops = np.asarray(crops)
     targets = np.asarray(targets, int)
     if not steps or not len(crops):
         return 0
-    count = trainable_from(model, first_layer)
+    check_fine_tune_from(model, first_layer)
+    count = set_trainable_from(model, first_layer)
     keras.utils.set_random_seed(seed)  # dropout
     rng = np.random.default_rng(seed)
     size = int(model.input_shape[1])
@@ -420,8 +395,17 @@ def fine_tune(model, crops: np.ndarray, targets: np.ndarray, *, steps: int = DEF
             batch, order = order[:batch_size], order[batch_size:]
             model.train_on_batch(augment(crops[batch], size, rng, stain=0.05, light=0.1, blur=0.2), targets[batch])
     finally:
-        trainable_from(model, None)
+        model.trainable = False  # every layer frozen again, as the statistics step and serving expect
     return count
+
+
+def check_fine_tune_from(model, first_layer: str) -> None:
+    """DataError unless the model has a layer of that name (nested models included) to fine-tune from."""
+    from hematovision.network import flat_layers
+
+    if first_layer not in {layer.name for layer in flat_layers(model)}:
+        raise DataError(f"the base model has no layer '{first_layer}' to fine-tune from; pass --fine-tune-from "
+                        "with one of its layers, or --fine-tune-steps 0")
 
 
 def without_optimizer(model):
@@ -703,8 +687,7 @@ def run(args, argv=None) -> dict:
     crops = np.stack(images.crops)
     labelled = targets >= 0
     if args.fine_tune_steps and labelled.any():
-        trainable_from(model, args.fine_tune_from)  # refuses a base without that layer before any work
-        trainable_from(model, None)
+        check_fine_tune_from(model, args.fine_tune_from)  # before any work
     print(f"adapt.py: adapting {args.base.name} ({int(labelled.sum())} labelled, {int((~labelled).sum())} "
           "unlabelled images)", flush=True)
     adaptation = adapt(model, crops[labelled], targets[labelled], unlabelled=crops[~labelled],
