@@ -319,6 +319,22 @@ class FeatureRunner:
         return np.concatenate(probabilities), np.concatenate(features)
 
 
+class ResettableModel:
+    """A base model loaded once, with one FeatureRunner; fresh() puts its weights back before each adaptation (the
+    measurements adapt one base many times)."""
+
+    def __init__(self, path: Path):
+        import keras
+
+        self.model = keras.models.load_model(path, compile=False)
+        self.weights = [w.copy() for w in self.model.get_weights()]
+        self.runner = FeatureRunner(self.model)  # one traced graph: it reads the weights as they are
+
+    def fresh(self):
+        self.model.set_weights(self.weights)
+        return self.model
+
+
 def view_features(runner: FeatureRunner, crops: np.ndarray, views: int, desc: str | None = None) -> np.ndarray:
     """(N, views, D) pooled features of each crop in its first `views` flips/quarter-turns (view 0: as it is)."""
     from hematovision.classifier import symmetric_views

@@ -36,6 +36,22 @@ class CropSet:
     def groups(self) -> np.ndarray:
         return np.asarray(self.rows.groups)[self.found]
 
+    def draw(self, k: int, seed: int, classes: int) -> np.ndarray:
+        """Indices of one random crop of each of k random cells of each class 0..classes-1 (a measurement's
+        labelled cells)."""
+        rng = np.random.default_rng(seed)
+        targets, groups = self.targets, self.groups
+        chosen = []
+        for label in range(classes):
+            cells = rng.permutation(np.unique(groups[targets == label]))[:k]
+            chosen += [int(rng.choice(np.flatnonzero(groups == cell))) for cell in cells]
+        return np.array(chosen, int)
+
+    def accuracy(self, probabilities: np.ndarray) -> float:
+        """Share of all the set's files answered right by these probabilities of its crops (files where no white
+        cell was found count as wrong)."""
+        return float((probabilities.argmax(1) == self.targets).sum() / len(self.rows))
+
 
 def _crop(path: Path) -> np.ndarray | None:
     try:

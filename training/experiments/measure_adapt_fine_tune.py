@@ -6,7 +6,7 @@ Measured on validation cells only, with a model that never saw the lab (a leave-
     python training/experiments/measure_adapt_fine_tune.py --lab pbc --base /tmp/lolo3/pbc/model.h5 \
         --seeds 0,1,2 --json training/experiments/results/adapt_fine_tune_pbc.json
 
-For each draw (measure_adaptation.draw: one crop of each of k cells per class of the lab's train cells, seed s),
+For each draw (CropSet.draw: one crop of each of k cells per class of the lab's train cells, seed s),
 adapt.py's steps 1-2 (statistics mix and L2 pull: its defaults; no fine-tune), scored on all crops of the lab's
 validation cells as served (the mean over 8 flips/quarter-turns); then, from those weights, each --configs setting:
 the layers from `from` on (batch norm frozen) and the classifier trained on augmented copies of the k x 4 crops
@@ -60,18 +60,17 @@ def main(argv=None) -> int:
     from hematovision.network import set_trainable_from
     from training import adapt
     from training.augment import augment
-    from training.experiments.measure_adaptation import Base, accuracy, draw
 
     started = time.time()
     sets = {split: load_crops(splits.lab_rows(args.lab, args.data_root, config.LABELS, split),
                               cache_dir=args.cache_dir, desc=split) for split in ("train", "validation")}
     train, validation = sets["train"], sets["validation"]
-    base = Base(args.base)
+    base = adapt.ResettableModel(args.base)
     views = list(symmetric_views(validation.crops, 8))
 
     def served(model) -> float:
         head = adapt.head_layer(model).get_weights()
-        return accuracy(validation, np.mean([adapt.softmax_of(base.runner(v)[1], head) for v in views], axis=0))
+        return validation.accuracy(np.mean([adapt.softmax_of(base.runner(v)[1], head) for v in views], axis=0))
 
     runs: dict[str, list[float]] = {}
 
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
     configs = json.loads(args.configs)
     seconds: dict[str, list[float]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        chosen = draw(train, args.k, seed)
+        chosen = train.draw(args.k, seed, len(config.LABELS))
         crops, targets = train.crops[chosen], train.targets[chosen]
         model = base.fresh()
         set_trainable_from(model, None)

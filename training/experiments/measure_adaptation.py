@@ -101,42 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def draw(cropset, k: int, seed: int) -> np.ndarray:
-    """Indices of one random crop of each of k random cells per class (cells with a white cell found)."""
-    rng = np.random.default_rng(seed)
-    targets, groups = cropset.targets, cropset.groups
-    chosen = []
-    for label in range(len(config.LABELS)):
-        cells = rng.permutation(np.unique(groups[targets == label]))[:k]
-        chosen += [int(rng.choice(np.flatnonzero(groups == cell))) for cell in cells]
-    return np.array(chosen, int)
-
-
-def accuracy(cropset, probabilities: np.ndarray) -> float:
-    """Share of all the set's files answered right (files where no white cell was found count as wrong)."""
-    return float((probabilities.argmax(1) == cropset.targets).sum() / len(cropset.rows))
-
-
 def summary(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "sd": float(np.std(values)), "min": float(np.min(values)),
             "runs": [round(v, 4) for v in values]}
-
-
-class Base:
-    """The base model loaded once; `fresh()` puts its weights back before each adaptation."""
-
-    def __init__(self, path: Path):
-        import keras
-
-        self.model = keras.models.load_model(path, compile=False)
-        self.weights = [w.copy() for w in self.model.get_weights()]
-        from training.adapt import FeatureRunner
-
-        self.runner = FeatureRunner(self.model)  # one traced graph: it reads the weights as they are
-
-    def fresh(self):
-        self.model.set_weights(self.weights)
-        return self.model
 
 
 def served_probabilities(runner, crops: np.ndarray, head, views: int) -> np.ndarray:
@@ -147,7 +114,7 @@ def served_probabilities(runner, crops: np.ndarray, head, views: int) -> np.ndar
     return np.mean([softmax_of(runner(view)[1], head) for view in symmetric_views(crops, views)], axis=0)
 
 
-def choose(base: Base, train, validation, ks, seeds, mixes, l2s, views_served) -> dict:
+def choose(base, train, validation, ks, seeds, mixes, l2s, views_served) -> dict:
     """Validation accuracy of every setting of the grid; the setting with the best mean over k and draws."""
     from hematovision.classifier import symmetric_views
     from training import adapt
@@ -167,7 +134,7 @@ def choose(base: Base, train, validation, ks, seeds, mixes, l2s, views_served) -
     most = max(views_served)
     for k in ks:
         for seed in range(seeds):
-            chosen = draw(train, k, seed)
+            chosen = train.draw(k, seed, len(config.LABELS))
             for mix in mixes:
                 model = base.fresh()
                 adaptation = adapt.adapt(model, train.crops[chosen], train.targets[chosen], stats_mix=mix,
@@ -175,7 +142,7 @@ def choose(base: Base, train, validation, ks, seeds, mixes, l2s, views_served) -
                 features = [base.runner(view)[1] for view in symmetric_views(validation.crops, most)]
                 if mix:
                     record(f"statistics only, mix {mix:g}", k,
-                           accuracy(validation, adapt.softmax_of(features[0], adaptation.base_head)))
+                           validation.accuracy(adapt.softmax_of(features[0], adaptation.base_head)))
                 flat = adaptation.features.reshape(-1, adaptation.features.shape[-1])
                 for l2 in l2s:
                     head = adapt.fit_head(flat, np.repeat(adaptation.targets, adaptation.features.shape[1]),
@@ -183,9 +150,9 @@ def choose(base: Base, train, validation, ks, seeds, mixes, l2s, views_served) -
                     for views in views_served:
                         probabilities = np.mean([adapt.softmax_of(f, head) for f in features[:views]], axis=0)
                         record(f"mix {mix:g}, l2 {l2:g}, served views {views}", k,
-                               accuracy(validation, probabilities),
+                               validation.accuracy(probabilities),
                                {"stats_mix": mix, "head_l2": l2, "test_time_views": views})
-            record("base", k, accuracy(validation, base_probabilities))
+            record("base", k, validation.accuracy(base_probabilities))
             print(f"  choose: k={k} seed={seed}: best so far "
                   f"{max(settings, key=lambda n: np.mean(scores[n]))}", flush=True)
     best = max(settings, key=lambda n: np.mean(scores[n]))
@@ -200,7 +167,7 @@ def choose(base: Base, train, validation, ks, seeds, mixes, l2s, views_served) -
     }
 
 
-def test(base: Base, pool, test_set, ks, seeds, setting: dict) -> dict:
+def test(base, pool, test_set, ks, seeds, setting: dict) -> dict:
     """Test accuracy of the chosen setting for each k (0: the base model as it is served), and the seconds of
     each adaptation (statistics, features of the views, classifier; not reading files nor writing the model)."""
     from training import adapt
@@ -208,11 +175,11 @@ def test(base: Base, pool, test_set, ks, seeds, setting: dict) -> dict:
     results = {}
     base.fresh()
     base_probabilities, _ = base.runner(test_set.crops)
-    results["0"] = {"accuracy": summary([accuracy(test_set, base_probabilities)]), "seconds": None}
+    results["0"] = {"accuracy": summary([test_set.accuracy(base_probabilities)]), "seconds": None}
     for k in ks:
         values, seconds = [], []
         for seed in range(seeds):
-            chosen = draw(pool, k, 100 + seed)
+            chosen = pool.draw(k, 100 + seed, len(config.LABELS))
             model = base.fresh()
             started = time.perf_counter()
             adaptation = adapt.adapt(model, pool.crops[chosen], pool.targets[chosen],
@@ -222,7 +189,7 @@ def test(base: Base, pool, test_set, ks, seeds, setting: dict) -> dict:
             seconds.append(time.perf_counter() - started)
             probabilities = served_probabilities(base.runner, test_set.crops, adaptation.head,
                                                  setting["test_time_views"])
-            values.append(accuracy(test_set, probabilities))
+            values.append(test_set.accuracy(probabilities))
             print(f"  test: k={k} seed={seed}: {values[-1]:.3f} ({seconds[-1]:.0f} s)", flush=True)
         results[str(k)] = {"accuracy": summary(values), "seconds": summary(seconds)}
     return results
@@ -252,7 +219,7 @@ def command(base_path: Path, pool, test_set, others: dict, k: int, setting: dict
     test set through load_classifier (TFLite, calibration, "uncertain" rule)."""
     from hematovision.classifier import load_classifier
 
-    chosen = draw(pool, k, 7)
+    chosen = pool.draw(k, 7, len(config.LABELS))
     data = workdir / f"lab_{k}"
     for i in chosen:
         path = pool.rows.paths[np.flatnonzero(pool.found)[i]]
@@ -317,7 +284,7 @@ def main(argv=None) -> int:
     for split, crops in sets.items():
         print(f"{args.lab} {split}: {len(crops.rows)} files of {len(set(crops.rows.groups))} cells, white cell found "
               f"in {int(crops.found.sum())}", flush=True)
-    base = Base(args.base)
+    base = adapt.ResettableModel(args.base)
     base_metadata = json.loads(args.base.with_suffix(".json").read_text())
     result = {
         "command": "python training/experiments/measure_adaptation.py " + " ".join(
