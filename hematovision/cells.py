@@ -32,6 +32,9 @@ How a white cell is found (all on a copy whose longest side is about ``WORK_SIDE
 The canonical crop is centred on the cell box's centre, with side ``CROP_SCALE`` x the cell diameter (the larger side
 of the cell box), padded with the background colour where it leaves the photo, resized with Pillow bilinear, then
 white-balanced: each channel scaled so that the slide background is the same neutral grey in every lab.
+The image's other white cells are hidden in it (their nucleus boxes, outside this cell's own nucleus box, show the
+background colour): a neighbour's nucleus in the square can otherwise decide the type (BloodImage_00010's neutrophil
+read as its neighbour, an eosinophil; training/experiments/measure_neighbours.py).
 With CROP_SCALE = 2 the cell spans about half the crop: on the 372 annotated BCCD white cells the detected diameter is
 1.005x the annotated box's larger side (median; p10 0.86, p90 1.16), i.e. the true cell is 43-58% of the crop side.
 Measured by training/experiments/measure_detection.py (results/detection.json).
@@ -40,6 +43,7 @@ Measured by training/experiments/measure_detection.py (results/detection.json).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +69,7 @@ SMEAR_NOISE_MAX = 25.0  # median |Laplacian| of the empty slide's grey levels (w
 RECTANGLE_EXTENT = 0.9  # nucleus pixels / nucleus box: at or above, a rectangle, not a nucleus
 RECTANGLE_MIN_SIDE = 6  # work pixels: a smaller group has too few pixels to have a shape
 SMEAR_CHECK = True  # step 6 (off only to measure what it changes)
+MASK_NEIGHBOURS = True  # crops hide the image's other white cells (off only to measure what it changes)
 # Off: measured (docs/training.md, "A second look for missed cells") and not adopted for the shipped model.
 SECOND_LOOK = False  # where no white cell is found, read the red-cell radius again with only pale centres filled
 PALE_CENTRE = 0.5  # a red cell's pale centre spans at most this share of its radius; larger holes are empty slide
@@ -77,12 +82,14 @@ class Cell:
 
     box: xmin, ymin, xmax, ymax of the whole cell (nucleus + cytoplasm estimate) in the given image's pixels
     (xmax/ymax exclusive). nucleus_area: nucleus pixels, in the given image's pixels. score: nucleus area in red-cell
-    areas (how clearly this is a white cell rather than a platelet).
+    areas (how clearly this is a white cell rather than a platelet). nucleus_box: the box of the nucleus alone
+    (what another cell's crop hides of this one).
     """
 
     box: tuple[int, int, int, int]
     nucleus_area: int
     score: float
+    nucleus_box: tuple[int, int, int, int] | None = None  # None: use the whole box
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -274,7 +281,9 @@ def _cells_at(rgb: np.ndarray, found: dict, radius: float) -> list[Cell]:
         y0 = max(0, math.floor((ys.start - margin) * sy))
         x1 = min(rgb.shape[1], math.ceil((xs.stop + margin) * sx))
         y1 = min(rgb.shape[0], math.ceil((ys.stop + margin) * sy))
-        cells.append(Cell((x0, y0, x1, y1), round(area * sx * sy), round(area / rbc_area, 3)))
+        nucleus_box = (math.floor(xs.start * sx), math.floor(ys.start * sy), math.ceil(xs.stop * sx),
+                       math.ceil(ys.stop * sy))
+        cells.append(Cell((x0, y0, x1, y1), round(area * sx * sy), round(area / rbc_area, 3), nucleus_box))
     if rectangles and rectangles >= len(cells):  # at least half the groups are rectangles: a screenshot
         return []
     return sorted(cells, key=lambda c: (c.centre[1], c.centre[0]))
@@ -288,10 +297,13 @@ def primary_index(cells: list[Cell], shape: tuple[int, ...]) -> int | None:
     return min(range(len(cells)), key=lambda i: (cells[i].centre[0] - cx) ** 2 + (cells[i].centre[1] - cy) ** 2)
 
 
-def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.ndarray | None = None) -> np.ndarray:
+def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.ndarray | None = None,
+                   others: Sequence[Cell] = ()) -> np.ndarray:
     """(size, size, 3) uint8: a square of side CROP_SCALE x cell.diameter centred on the cell box, resized with
     Pillow bilinear. Where it leaves the photo, and on black rotation borders, it shows the background colour
-    (`background`, else background_colour(rgb): pass it when cropping several cells of one image)."""
+    (`background`, else background_colour(rgb): pass it when cropping several cells of one image).
+    `others`: the image's other white cells; with MASK_NEIGHBOURS their nucleus boxes (outside this cell's own
+    nucleus box) show the background colour too, so that a neighbour's nucleus cannot decide this cell's type."""
     height, width = rgb.shape[:2]
     side = max(1, round(CROP_SCALE * cell.diameter))
     cx, cy = cell.centre
@@ -314,6 +326,18 @@ def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.
             canvas = window = window.copy()
         red, green, blue = window[..., 0], window[..., 1], window[..., 2]
         window[(red < BLACK_LEVEL) & (green < BLACK_LEVEL) & (blue < BLACK_LEVEL)] = colour
+    neighbours = [o.nucleus_box or o.box for o in others if o.box != cell.box] if MASK_NEIGHBOURS else []
+    neighbours = [(a0 - x0, b0 - y0, a1 - x0, b1 - y0) for a0, b0, a1, b1 in neighbours
+                  if a0 < x1 and a1 > x0 and b0 < y1 and b1 > y0]  # in canvas pixels, only those in the square
+    if neighbours:
+        if canvas is window:
+            canvas = canvas.copy()
+        own_box = cell.nucleus_box or cell.box
+        c0, d0, c1, d1 = (max(0, v) for v in (own_box[0] - x0, own_box[1] - y0, own_box[2] - x0, own_box[3] - y0))
+        own = canvas[d0:d1, c0:c1].copy()  # where they overlap, this cell's own nucleus wins
+        for a0, b0, a1, b1 in neighbours:
+            canvas[max(0, b0):max(0, b1), max(0, a0):max(0, a1)] = colour
+        canvas[d0:d1, c0:c1] = own
     image = Image.fromarray(np.ascontiguousarray(canvas))
     if image.size != (size, size):
         image = image.resize((size, size), RESAMPLE)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -71,11 +72,16 @@ def convert_keras_model(model) -> bytes:
     `with_features(model)` to get the probabilities and the features."""
     import tensorflow as tf
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-        warnings.simplefilter("ignore")  # converter chatter (and Keras's export printout, sent to stderr)
-        converter = tf.lite.TFLiteConverter.from_keras_model(model)
-        converter.optimizations = []
-        return bytes(converter.convert())
+    printout = io.StringIO()  # Keras's export lists every tensor (hundreds of lines): shown only on failure
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printout):
+            warnings.simplefilter("ignore")  # converter chatter
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            converter.optimizations = []
+            return bytes(converter.convert())
+    except Exception:
+        sys.stderr.write(printout.getvalue())
+        raise
 
 
 def read_fresh_tflite(model_path: str | Path, source_sha: str | None = None) -> bytes | None:

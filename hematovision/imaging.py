@@ -150,7 +150,7 @@ class Field:
 def field_from_image(image: Image.Image) -> Field:
     rgb = np.asarray(to_rgb(image), dtype=np.uint8)
     cells, background = survey(rgb)  # the slide's colour is computed once per image, for all its crops
-    crops = (np.stack([canonical_crop(rgb, cell, IMAGE_SIZE[0], background) for cell in cells]) if cells
+    crops = (np.stack([canonical_crop(rgb, cell, IMAGE_SIZE[0], background, cells) for cell in cells]) if cells
              else np.zeros((0, *IMAGE_SIZE, 3), np.uint8))
     return Field(image=image, cells=cells, crops=crops, primary=primary_index(cells, rgb.shape))
 

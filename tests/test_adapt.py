@@ -178,6 +178,29 @@ def test_fine_tune_trains_from_the_named_layer_on_and_never_batch_norm():
     assert not any(layer.trainable for layer in model.layers if layer.weights)  # frozen again afterwards
 
 
+def test_fine_tune_gives_one_result_per_seed_however_often_the_model_was_adapted():
+    """The measurement scripts adapt one loaded base many times: its dropout must not carry on from the last one."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(4, 3, name="conv")(layers.Rescaling(1 / 127.5, offset=-1)(inputs))
+    x = layers.Dropout(0.5, name="drop")(layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, layers.Dense(4, activation="softmax", name="head")(x))
+    start = [w.copy() for w in model.get_weights()]
+    crops = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    results = []
+    for seed in (7, 7, 8):
+        model.set_weights(start)
+        adapt.fine_tune(model, crops, np.arange(8) % 4, steps=3, first_layer="conv", learning_rate=0.05,
+                        batch_size=4, seed=seed, progress=False)
+        results.append(model.get_weights())
+    for first, again in zip(results[0], results[1], strict=True):
+        np.testing.assert_array_equal(first, again)
+    assert any(not np.array_equal(a, b) for a, b in zip(results[0], results[2], strict=True))
+
+
 def test_a_base_without_the_layer_to_fine_tune_from_is_refused(tmp_path, capsys, tiny_model_path):
     data = write_lab(tmp_path / "lab", per_class=2)
     assert_refused(tmp_path, capsys, ["--data-dir", data, "--base", tiny_model_path], "block_13_expand",
@@ -230,6 +253,7 @@ def test_adapting_the_tiny_model_writes_a_model_the_app_serves(tmp_path, capsys,
     tuned = ["--fine-tune-from", first_conv(base_with_rule), "--fine-tune-steps", "3"]
     code, printed, err = run(["--data-dir", data, "--base", base_with_rule, "--out", out, *tuned], capsys)
     assert code == 0, err
+    assert err == ""  # stderr is for refusals: not the TFLite export's listing of every tensor
     assert "my_lab/eosinophil/cell_0.png: 2 white cells found" in printed  # said for each such file
     assert sorted(p.name for p in out.parent.iterdir()) == ["lab.h5", "lab.json", "lab.tflite", "lab.tflite.json",
                                                             "lab_ood.npz"]

@@ -192,3 +192,49 @@ def test_canonical_crop_fills_black_corners_with_background():
     rgb[:, :60] = 0
     crop = canonical_crop(rgb, Cell((40, 100, 140, 200), 100, 1.0))
     assert crop[:, :20].min() > 100
+
+
+def _in_crop(box, cell: Cell, size: int = 224):
+    """A box in the image's pixels -> the same box in the cell's canonical crop's pixels (rounded inwards)."""
+    side = round(CROP_SCALE * cell.diameter)
+    x0, y0 = round(cell.centre[0] - side / 2), round(cell.centre[1] - side / 2)
+    scale = size / side
+    a0, b0, a1, b1 = box
+    return (max(0, int(np.ceil((a0 - x0) * scale))), max(0, int(np.ceil((b0 - y0) * scale))),
+            min(size, int((a1 - x0) * scale)), min(size, int((b1 - y0) * scale)))
+
+
+def test_a_neighbouring_white_cell_is_hidden_in_the_crop_and_the_cell_itself_is_not():
+    """BloodImage_00010: each cell's square reaches the other cell's nucleus, which would decide its type."""
+    rgb = field("bccd_00010_two_wbc.jpg")
+    found = find_white_cells(rgb)
+    assert len(found) == 2 and all(c.nucleus_box is not None for c in found)
+    background = background_colour(rgb)
+    for cell, other in (found, found[::-1]):
+        alone = canonical_crop(rgb, cell, background=background).astype(int)
+        masked = canonical_crop(rgb, cell, background=background, others=found).astype(int)
+        a0, b0, a1, b1 = _in_crop(other.nucleus_box, cell)
+        c0, d0, c1, d1 = _in_crop(cell.nucleus_box, cell)
+        # the part of the neighbour's nucleus that is in the square and not in this cell's own nucleus box
+        hidden = np.zeros((224, 224), bool)
+        hidden[b0 + 2:b1 - 2, a0 + 2:a1 - 2] = True
+        hidden[max(0, d0 - 2):d1 + 2, max(0, c0 - 2):c1 + 2] = False
+        assert hidden.sum() > 200  # the neighbour really is in this cell's square
+        assert np.abs(masked[hidden] - SLIDE_WHITE).max() <= 2  # flat slide colour (white-balanced)
+        assert np.abs(alone[hidden] - SLIDE_WHITE).max() > 60  # where a stained nucleus was
+        np.testing.assert_array_equal(masked[d0 + 2:d1 - 2, c0 + 2:c1 - 2], alone[d0 + 2:d1 - 2, c0 + 2:c1 - 2])
+
+
+def test_the_field_s_crops_hide_neighbours_and_the_switch_turns_it_off(monkeypatch):
+    from hematovision.imaging import prepare_field
+
+    data = (FIELDS / "bccd_00010_two_wbc.jpg").read_bytes()
+    rgb = field("bccd_00010_two_wbc.jpg")
+    found = find_white_cells(rgb)
+    field_crops = prepare_field(data).crops
+    for crop, cell in zip(field_crops, found, strict=True):
+        np.testing.assert_array_equal(crop, canonical_crop(rgb, cell, others=found))
+    monkeypatch.setattr(cells_module, "MASK_NEIGHBOURS", False)
+    for crop, cell in zip(prepare_field(data).crops, found, strict=True):
+        np.testing.assert_array_equal(crop, canonical_crop(rgb, cell))
+    assert not np.array_equal(prepare_field(data).crops, field_crops)

@@ -389,7 +389,7 @@ def fine_tune(model, crops: np.ndarray, targets: np.ndarray, *, steps: int = DEF
     of steps is fixed, so the time does not grow with the number of images. Returns the trainable layer count."""
     import keras
 
-    from hematovision.network import set_trainable_from
+    from hematovision.network import flat_layers, set_trainable_from
     from training.augment import augment
 
     crops = np.asarray(crops)
@@ -398,7 +398,11 @@ def fine_tune(model, crops: np.ndarray, targets: np.ndarray, *, steps: int = DEF
         return 0
     check_fine_tune_from(model, first_layer)
     count = set_trainable_from(model, first_layer)
-    keras.utils.set_random_seed(seed)  # dropout
+    keras.utils.set_random_seed(seed)
+    for layer in flat_layers(model):  # dropout draws from a generator seeded when the model was loaded: re-seed it,
+        generator = getattr(layer, "seed_generator", None)  # so that one seed gives one result however often a
+        if generator is not None:  # loaded model is adapted (the measurement scripts adapt one base many times)
+            generator.state.assign(np.array([seed, 0], dtype=generator.state.dtype))
     rng = np.random.default_rng(seed)
     size = int(model.input_shape[1])
     model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps)),
