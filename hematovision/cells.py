@@ -34,7 +34,8 @@ of the cell box), padded with the background colour where it leaves the photo, r
 white-balanced: each channel scaled so that the slide background is the same neutral grey in every lab.
 The image's other white cells are hidden in it (their nucleus boxes, outside this cell's own nucleus box, show the
 background colour): a neighbour's nucleus in the square can otherwise decide the type (BloodImage_00010's neutrophil
-read as its neighbour, an eosinophil; training/experiments/measure_neighbours.py).
+read as its neighbour, an eosinophil; training/experiments/measure_neighbours.py). A cell whose box overlaps this
+one's is not hidden: that is most often the other half of this very cell, its nucleus split in two by the finder.
 With CROP_SCALE = 2 the cell spans about half the crop: on the 372 annotated BCCD white cells the detected diameter is
 1.005x the annotated box's larger side (median; p10 0.86, p90 1.16), i.e. the true cell is 43-58% of the crop side.
 Measured by training/experiments/measure_detection.py (results/detection.json).
@@ -302,8 +303,9 @@ def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.
     """(size, size, 3) uint8: a square of side CROP_SCALE x cell.diameter centred on the cell box, resized with
     Pillow bilinear. Where it leaves the photo, and on black rotation borders, it shows the background colour
     (`background`, else background_colour(rgb): pass it when cropping several cells of one image).
-    `others`: the image's other white cells; with MASK_NEIGHBOURS their nucleus boxes (outside this cell's own
-    nucleus box) show the background colour too, so that a neighbour's nucleus cannot decide this cell's type."""
+    `others`: the image's other white cells; with MASK_NEIGHBOURS the nucleus boxes of those whose cell box does not
+    overlap this one's (outside this cell's own nucleus box) show the background colour too, so that a neighbour's
+    nucleus cannot decide this cell's type."""
     height, width = rgb.shape[:2]
     side = max(1, round(CROP_SCALE * cell.diameter))
     cx, cy = cell.centre
@@ -326,7 +328,8 @@ def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.
             canvas = window = window.copy()
         red, green, blue = window[..., 0], window[..., 1], window[..., 2]
         window[(red < BLACK_LEVEL) & (green < BLACK_LEVEL) & (blue < BLACK_LEVEL)] = colour
-    neighbours = [o.nucleus_box or o.box for o in others if o.box != cell.box] if MASK_NEIGHBOURS else []
+    neighbours = [o.nucleus_box or o.box for o in others if o.box != cell.box and not _overlap(o.box, cell.box)
+                  ] if MASK_NEIGHBOURS else []
     neighbours = [(a0 - x0, b0 - y0, a1 - x0, b1 - y0) for a0, b0, a1, b1 in neighbours
                   if a0 < x1 and a1 > x0 and b0 < y1 and b1 > y0]  # in canvas pixels, only those in the square
     if neighbours:
@@ -342,6 +345,13 @@ def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.
     if image.size != (size, size):
         image = image.resize((size, size), RESAMPLE)
     return np.asarray(white_balance(image, colour))
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """Do two cell boxes share pixels? Boxes reach CYTOPLASM_MARGIN red-cell radii past their nuclei, so two cells
+    whose nuclei are closer than about a red-cell radius overlap: most often one cell whose lobes the finder split
+    (LOBE_GAP), whose other half must stay in its crop."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def white_balance(image: Image.Image, background: np.ndarray) -> Image.Image:

@@ -238,3 +238,15 @@ def test_the_field_s_crops_hide_neighbours_and_the_switch_turns_it_off(monkeypat
     for crop, cell in zip(prepare_field(data).crops, found, strict=True):
         np.testing.assert_array_equal(crop, canonical_crop(rgb, cell))
     assert not np.array_equal(prepare_field(data).crops, field_crops)
+
+
+def test_a_cell_whose_box_overlaps_is_not_hidden_it_is_most_often_the_other_half_of_the_same_cell():
+    """The finder can split one cell's nucleus in two (LISC's eosinophils: two lobes): both halves stay in its crop."""
+    rgb = field("bccd_00010_two_wbc.jpg")
+    cell = find_white_cells(rgb)[0]
+    x0, y0, x1, y1 = cell.box
+    half = Cell((x1 - 20, y0, x1 + 40, y1), 100, 1.0, (x1 - 10, y0 + 10, x1 + 30, y1 - 10))  # overlaps by 20 px
+    apart = Cell((x1 + 2, y0, x1 + 62, y1), 100, 1.0, (x1 + 12, y0 + 10, x1 + 52, y1 - 10))  # touches nothing
+    alone = canonical_crop(rgb, cell)
+    np.testing.assert_array_equal(canonical_crop(rgb, cell, others=[cell, half]), alone)
+    assert not np.array_equal(canonical_crop(rgb, cell, others=[cell, apart]), alone)
