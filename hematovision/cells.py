@@ -32,10 +32,11 @@ How a white cell is found (all on a copy whose longest side is about ``WORK_SIDE
 The canonical crop is centred on the cell box's centre, with side ``CROP_SCALE`` x the cell diameter (the larger side
 of the cell box), padded with the background colour where it leaves the photo, resized with Pillow bilinear, then
 white-balanced: each channel scaled so that the slide background is the same neutral grey in every lab.
-The image's other white cells are hidden in it (their nucleus boxes, outside this cell's own nucleus box, show the
-background colour): a neighbour's nucleus in the square can otherwise decide the type (BloodImage_00010's neutrophil
-read as its neighbour, an eosinophil; training/experiments/measure_neighbours.py). A cell whose box overlaps this
-one's is not hidden: that is most often the other half of this very cell, its nucleus split in two by the finder.
+With MASK_NEIGHBOURS (off: measured, not adopted) the image's other white cells are hidden in it (their nucleus
+boxes, outside this cell's own nucleus box, show the background colour), as a neighbour's nucleus in the square can
+decide the type (BloodImage_00010's neutrophil read as its neighbour, an eosinophil;
+training/experiments/measure_neighbours.py). A cell whose box overlaps this one's is never hidden: that is most
+often the other half of this very cell, its nucleus split in two by the finder.
 With CROP_SCALE = 2 the cell spans about half the crop: on the 372 annotated BCCD white cells the detected diameter is
 1.005x the annotated box's larger side (median; p10 0.86, p90 1.16), i.e. the true cell is 43-58% of the crop side.
 Measured by training/experiments/measure_detection.py (results/detection.json).
@@ -70,7 +71,8 @@ SMEAR_NOISE_MAX = 25.0  # median |Laplacian| of the empty slide's grey levels (w
 RECTANGLE_EXTENT = 0.9  # nucleus pixels / nucleus box: at or above, a rectangle, not a nucleus
 RECTANGLE_MIN_SIDE = 6  # work pixels: a smaller group has too few pixels to have a shape
 SMEAR_CHECK = True  # step 6 (off only to measure what it changes)
-MASK_NEIGHBOURS = True  # crops hide the image's other white cells (off only to measure what it changes)
+# Off: measured (docs/training.md, "A neighbouring white cell") and not adopted for the shipped model.
+MASK_NEIGHBOURS = False  # crops hide the image's other white cells (their nucleus boxes)
 # Off: measured (docs/training.md, "A second look for missed cells") and not adopted for the shipped model.
 SECOND_LOOK = False  # where no white cell is found, read the red-cell radius again with only pale centres filled
 PALE_CENTRE = 0.5  # a red cell's pale centre spans at most this share of its radius; larger holes are empty slide

@@ -204,8 +204,9 @@ def _in_crop(box, cell: Cell, size: int = 224):
             min(size, int((a1 - x0) * scale)), min(size, int((b1 - y0) * scale)))
 
 
-def test_a_neighbouring_white_cell_is_hidden_in_the_crop_and_the_cell_itself_is_not():
+def test_a_neighbouring_white_cell_is_hidden_in_the_crop_and_the_cell_itself_is_not(monkeypatch):
     """BloodImage_00010: each cell's square reaches the other cell's nucleus, which would decide its type."""
+    monkeypatch.setattr(cells_module, "MASK_NEIGHBOURS", True)  # measured, not adopted (docs/training.md)
     rgb = field("bccd_00010_two_wbc.jpg")
     found = find_white_cells(rgb)
     assert len(found) == 2 and all(c.nucleus_box is not None for c in found)
@@ -225,23 +226,25 @@ def test_a_neighbouring_white_cell_is_hidden_in_the_crop_and_the_cell_itself_is_
         np.testing.assert_array_equal(masked[d0 + 2:d1 - 2, c0 + 2:c1 - 2], alone[d0 + 2:d1 - 2, c0 + 2:c1 - 2])
 
 
-def test_the_field_s_crops_hide_neighbours_and_the_switch_turns_it_off(monkeypatch):
+def test_the_field_s_crops_hide_neighbours_only_when_switched_on(monkeypatch):
+    """Off (the shipped model's crops): each cell's plain crop. On: the same crops with the neighbours hidden."""
     from hematovision.imaging import prepare_field
 
     data = (FIELDS / "bccd_00010_two_wbc.jpg").read_bytes()
     rgb = field("bccd_00010_two_wbc.jpg")
     found = find_white_cells(rgb)
-    field_crops = prepare_field(data).crops
-    for crop, cell in zip(field_crops, found, strict=True):
-        np.testing.assert_array_equal(crop, canonical_crop(rgb, cell, others=found))
-    monkeypatch.setattr(cells_module, "MASK_NEIGHBOURS", False)
-    for crop, cell in zip(prepare_field(data).crops, found, strict=True):
+    plain = prepare_field(data).crops
+    for crop, cell in zip(plain, found, strict=True):
         np.testing.assert_array_equal(crop, canonical_crop(rgb, cell))
-    assert not np.array_equal(prepare_field(data).crops, field_crops)
+    monkeypatch.setattr(cells_module, "MASK_NEIGHBOURS", True)
+    for crop, cell in zip(prepare_field(data).crops, found, strict=True):
+        np.testing.assert_array_equal(crop, canonical_crop(rgb, cell, others=found))
+    assert not np.array_equal(prepare_field(data).crops, plain)
 
 
-def test_a_cell_whose_box_overlaps_is_not_hidden_it_is_most_often_the_other_half_of_the_same_cell():
+def test_a_cell_whose_box_overlaps_is_not_hidden_it_is_most_often_the_other_half_of_the_same_cell(monkeypatch):
     """The finder can split one cell's nucleus in two (LISC's eosinophils: two lobes): both halves stay in its crop."""
+    monkeypatch.setattr(cells_module, "MASK_NEIGHBOURS", True)
     rgb = field("bccd_00010_two_wbc.jpg")
     cell = find_white_cells(rgb)[0]
     x0, y0, x1, y1 = cell.box

@@ -12,7 +12,9 @@ two or more annotated white-cell boxes (training/splits/bccd_wbc_boxes.csv) whos
 are used: not one of its Kaggle training source photos (its own split settings) and not a Kaggle TEST photo.
 
 Each field is read twice through the app's path (hematovision.imaging.prepare_field + the Classifier): with the
-image's other white cells hidden in each cell's crop (hematovision.cells.MASK_NEIGHBOURS, the default) and without.
+image's other white cells hidden in each cell's crop (hematovision.cells.MASK_NEIGHBOURS on) and without (off, the
+shipped setting). The model retrained with them hidden was measured with --model pointing at it
+(results/neighbours_retrained.json).
 Forced choice: the most probable of the four types, whether or not the app would call it uncertain.
 """
 
@@ -56,7 +58,7 @@ def fields(data_root: Path, labels: list[str], settings: dict) -> list[tuple[str
 
 
 def score(classifier, data_root: Path, chosen, mask: bool) -> dict:
-    cells_module.MASK_NEIGHBOURS = mask
+    before, cells_module.MASK_NEIGHBOURS = cells_module.MASK_NEIGHBOURS, mask
     try:
         right = known = 0
         rows = []
@@ -74,7 +76,7 @@ def score(classifier, data_root: Path, chosen, mask: bool) -> dict:
         return {"cells_right": right, "cells_named": known,
                 "fields_all_right": sum(r["right"] == r["of"] for r in rows), "fields": rows}
     finally:
-        cells_module.MASK_NEIGHBOURS = True
+        cells_module.MASK_NEIGHBOURS = before
 
 
 def main(argv=None) -> int:
