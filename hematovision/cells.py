@@ -300,6 +300,14 @@ def primary_index(cells: list[Cell], shape: tuple[int, ...]) -> int | None:
     return min(range(len(cells)), key=lambda i: (cells[i].centre[0] - cx) ** 2 + (cells[i].centre[1] - cy) ** 2)
 
 
+def crop_window(box: tuple[int, int, int, int]) -> tuple[int, int, int]:
+    """(x0, y0, side): the square of the image that a cell's canonical crop shows (CROP_SCALE x the cell's
+    diameter, centred on its box), in the image's pixels; it may reach past the edges."""
+    x0, y0, x1, y1 = box
+    side = max(1, round(CROP_SCALE * max(x1 - x0, y1 - y0)))
+    return round((x0 + x1) / 2 - side / 2), round((y0 + y1) / 2 - side / 2), side
+
+
 def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.ndarray | None = None,
                    others: Sequence[Cell] = ()) -> np.ndarray:
     """(size, size, 3) uint8: a square of side CROP_SCALE x cell.diameter centred on the cell box, resized with
@@ -309,9 +317,7 @@ def canonical_crop(rgb: np.ndarray, cell: Cell, size: int = 224, background: np.
     overlap this one's (outside this cell's own nucleus box) show the background colour too, so that a neighbour's
     nucleus cannot decide this cell's type."""
     height, width = rgb.shape[:2]
-    side = max(1, round(CROP_SCALE * cell.diameter))
-    cx, cy = cell.centre
-    x0, y0 = round(cx - side / 2), round(cy - side / 2)
+    x0, y0, side = crop_window(cell.box)
     x1, y1 = x0 + side, y0 + side
     ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
     colour = np.round(background_colour(rgb) if background is None else background).astype(np.uint8)

@@ -32,7 +32,7 @@ import threading
 import numpy as np
 from PIL import Image
 
-from hematovision.cells import CROP_SCALE
+from hematovision.cells import crop_window
 from hematovision.imaging import IMAGE_SIZE
 
 # Shifted copies per axis for the app's heatmap, and how the channels are weighted (module doc). Both were chosen
@@ -208,14 +208,6 @@ def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, strength: float = 0
     alpha = (strength * (0.25 + 0.75 * full))[..., None]
     blended = rgb * (1 - alpha) + colorize(full).astype(np.float64) * alpha
     return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8), mode="RGB")
-
-
-def crop_window(box: tuple[int, int, int, int]) -> tuple[int, int, int]:
-    """(x0, y0, side): the square of the image that a cell's canonical crop shows (hematovision.cells.canonical_crop:
-    CROP_SCALE x the cell's diameter, centred on its box), in the image's pixels; it may reach past the edges."""
-    x0, y0, x1, y1 = box
-    side = max(1, round(CROP_SCALE * max(x1 - x0, y1 - y0)))
-    return round((x0 + x1) / 2 - side / 2), round((y0 + y1) / 2 - side / 2), side
 
 
 def overlay_cell_heatmaps(

@@ -15,6 +15,7 @@ from hematovision.cells import (
     Cell,
     background_colour,
     canonical_crop,
+    crop_window,
     find_white_cells,
     primary_index,
     white_balance,
@@ -196,8 +197,7 @@ def test_canonical_crop_fills_black_corners_with_background():
 
 def _in_crop(box, cell: Cell, size: int = 224):
     """A box in the image's pixels -> the same box in the cell's canonical crop's pixels (rounded inwards)."""
-    side = round(CROP_SCALE * cell.diameter)
-    x0, y0 = round(cell.centre[0] - side / 2), round(cell.centre[1] - side / 2)
+    x0, y0, side = crop_window(cell.box)
     scale = size / side
     a0, b0, a1, b1 = box
     return (max(0, int(np.ceil((a0 - x0) * scale))), max(0, int(np.ceil((b0 - y0) * scale))),

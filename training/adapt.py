@@ -396,8 +396,7 @@ def fine_tune(model, crops: np.ndarray, targets: np.ndarray, *, steps: int = DEF
     targets = np.asarray(targets, int)
     if not steps or not len(crops):
         return 0
-    check_fine_tune_from(model, first_layer)
-    count = set_trainable_from(model, first_layer)
+    count = set_trainable_from(model, first_layer)  # ValueError for a name the model lacks (run() refuses it early)
     keras.utils.set_random_seed(seed)
     for layer in flat_layers(model):  # dropout draws from a generator seeded when the model was loaded: re-seed it,
         generator = getattr(layer, "seed_generator", None)  # so that one seed gives one result however often a
