@@ -15,7 +15,9 @@ training basophils; its threshold flags at most --rate of each training lab's kn
 sets it); the share of LISC's validation basophils it flags chooses C. Then, for the chosen C only: LISC's test
 basophils flagged, and the share of known cells flagged on each lab's test rows. For a model trained with a lab
 held out (--model of a `--hold-out` run), that lab's validation cells are scored too: known cells of a lab the
-model never saw, which the test should not flag.
+model never saw, which the test should not flag. Last, `threshold_rules`: train.py's threshold rule beside looser
+ones, for the chosen C (what each flags of the validation basophils, the known validation cells and, for a
+leave-one-lab-out model, the never-seen lab's validation cells).
 
 other_types_choice.json chose abstention.OTHER_TYPES_REGULARISATION on the model shipped before the test existed
 (its sha256 is in the file); other_types.json measures the shipped model, retrained with the test, at that C.
@@ -49,6 +51,35 @@ def cost_on_unseen_lab(crops, answer, score, threshold) -> dict:
             "right_when_answered_with_the_test": float(right[~both].mean()),
             "newly_flagged": int(added.sum()),
             "right_among_newly_flagged": float(right[added].mean()) if added.any() else None}
+
+
+MEAN_RATES = (0.005, 0.01, 0.02)  # threshold rules compared with train.py's, on validation rows only
+
+
+def threshold_rules(score, validation: dict, basophils: np.ndarray, unseen: dict, rate: float) -> dict:
+    """train.py's threshold (at most `rate` of each lab's validation cells flagged: with LISC's 187 crops of 43
+    cells that allows none, so its highest-scoring crop sets it) beside looser ones (the lowest threshold whose
+    flagged share, averaged over the labs, is at most r): what each flags of LISC's validation basophils, of each
+    lab's known validation cells and, for a leave-one-lab-out model, of the never-seen lab's validation cells."""
+    from hematovision import abstention
+
+    scores = {lab: score.scores(f) for lab, f in validation.items()}
+
+    def mean_flagged(t: float) -> float:
+        return float(np.mean([(s > t).mean() for s in scores.values()]))
+
+    candidates = np.unique(np.concatenate(list(scores.values())))
+    rules = {f"each lab at most {rate:g} (train.py)": max(abstention.threshold_for_rate(s, rate)
+                                                         for s in scores.values())}
+    for mean_rate in MEAN_RATES:
+        rules[f"mean over labs at most {mean_rate:g}"] = float(min(t for t in candidates
+                                                                   if mean_flagged(t) <= mean_rate))
+    return {name: {"threshold": t,
+                   "lisc_validation_basophils_flagged": float((score.scores(basophils) > t).mean()),
+                   "known_validation_flagged": {lab: float((s > t).mean()) for lab, s in scores.items()},
+                   "never_seen_lab_validation_flagged": {lab: float((score.scores(f) > t).mean())
+                                                         for lab, f in unseen.items()}}
+            for name, t in rules.items()}
 
 
 def main(argv=None) -> int:
@@ -128,7 +159,10 @@ def main(argv=None) -> int:
         "held_out_lab_validation": {lab: cost_on_unseen_lab(crops, answer, score, threshold)
                                     for lab, (crops, answer) in unseen.items()},
     }
-    print(json.dumps({k: result[k] for k in ("chosen", "test", "held_out_lab_validation")}, indent=1))
+    never_seen = {lab: answer.features for lab, (_, answer) in unseen.items()}
+    result["threshold_rules"] = threshold_rules(score, validation, other["validation"], never_seen, args.rate)
+    print(json.dumps({k: result[k] for k in ("chosen", "test", "held_out_lab_validation", "threshold_rules")},
+                     indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
