@@ -203,7 +203,7 @@ def test_fine_tune_gives_one_result_per_seed_however_often_the_model_was_adapted
 
 def test_a_base_without_the_layer_to_fine_tune_from_is_refused(tmp_path, capsys, tiny_model_path):
     data = write_lab(tmp_path / "lab", per_class=2)
-    assert_refused(tmp_path, capsys, ["--data-dir", data, "--base", tiny_model_path], "block_13_expand",
+    assert_refused(tmp_path, capsys, ["--data-dir", data, "--base", tiny_model_path], "block_10_expand",
                    "--fine-tune-steps 0")
     assert not (tmp_path / "out").exists()
 

@@ -92,3 +92,10 @@ def load_crops(rows: Rows, *, workers: int | None = None, cache_dir: Path | None
         np.savez(tmp, crops=crops, found=found)
         os.replace(tmp, cache)
     return CropSet(rows, crops, found)
+
+
+def merge(a: CropSet, b: CropSet) -> CropSet:
+    """Two CropSets of one lab as one (e.g. the train and validation cells a measurement draws labelled cells from)."""
+    rows = Rows(a.rows.lab, a.rows.paths + b.rows.paths, a.rows.targets + b.rows.targets,
+                a.rows.groups + b.rows.groups)
+    return CropSet(rows, np.concatenate([a.crops, b.crops]), np.concatenate([a.found, b.found]))

@@ -90,18 +90,28 @@ def main(argv=None) -> int:
         record("adapt.py (statistics + classifier)", seed, served(model))
         for setting in configs:
             name = "fine-tune " + json.dumps({k: v for k, v in setting.items() if k != "wise"})
-            model.set_weights(adapted)
-            set_trainable_from(model, setting["from"])
             batches = int(np.ceil(len(crops) * setting["copies"] / 32))
-            model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-                setting["lr"], setting["epochs"] * batches)), loss="sparse_categorical_crossentropy")
-            keras.utils.set_random_seed(seed)  # dropout and fit()'s shuffling
-            rng = np.random.default_rng(seed)
             clock = time.time()
-            for _ in range(setting["epochs"]):
-                index = np.tile(np.arange(len(crops)), setting["copies"])
-                x = augment(crops[index], 224, rng, stain=0.05, light=0.1, blur=0.2)
-                model.fit(x, targets[index], batch_size=32, epochs=1, verbose=0, shuffle=True)
+            if setting.get("loop") == "adapt.py":  # adapt.fine_tune itself; "soup": the mean of that many runs'
+                members = []  # weights, each from the adapted weights with its own seed (Wortsman et al. 2022)
+                for member in range(setting.get("soup", 1)):
+                    model.set_weights(adapted)
+                    adapt.fine_tune(model, crops, targets, steps=setting["epochs"] * batches,
+                                    first_layer=setting["from"], learning_rate=setting["lr"],
+                                    seed=1000 * seed + member, progress=False)
+                    members.append(model.get_weights())
+                model.set_weights([np.mean(w, axis=0) for w in zip(*members, strict=True)])
+            else:  # Keras fit() over `epochs` passes of `copies` augmented copies (the first measurements)
+                model.set_weights(adapted)
+                set_trainable_from(model, setting["from"])
+                model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+                    setting["lr"], setting["epochs"] * batches)), loss="sparse_categorical_crossentropy")
+                keras.utils.set_random_seed(seed)  # dropout and fit()'s shuffling
+                rng = np.random.default_rng(seed)
+                for _ in range(setting["epochs"]):
+                    index = np.tile(np.arange(len(crops)), setting["copies"])
+                    x = augment(crops[index], 224, rng, stain=0.05, light=0.1, blur=0.2)
+                    model.fit(x, targets[index], batch_size=32, epochs=1, verbose=0, shuffle=True)
             seconds.setdefault(name, []).append(round(time.time() - clock, 1))
             tuned = [w.copy() for w in model.get_weights()]
             record(name, seed, served(model))

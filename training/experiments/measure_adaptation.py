@@ -61,7 +61,7 @@ import numpy as np
 
 from hematovision.fast_runtime import sha256_of
 from training import config, splits
-from training.cropsets import load_crops
+from training.cropsets import load_crops, merge
 from training.metrics import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -340,15 +340,6 @@ def main(argv=None) -> int:
     config.write_json(args.json, result)
     print(f"wrote {args.json}")
     return 0
-
-
-def merge(a, b):
-    """Two CropSets as one (the pool the test draws its labelled cells from)."""
-    from training.cropsets import CropSet
-
-    rows = splits.Rows(a.rows.lab, a.rows.paths + b.rows.paths, a.rows.targets + b.rows.targets,
-                       a.rows.groups + b.rows.groups)
-    return CropSet(rows, np.concatenate([a.crops, b.crops]), np.concatenate([a.found, b.found]))
 
 
 if __name__ == "__main__":
