@@ -14,7 +14,10 @@ the layers from `from` on (batch norm frozen) and the classifier trained on augm
 rate from `lr`, `epochs` passes over `copies` copies of each crop at batch 32; scored the same way, and again with
 the weights half-way back to the adapted ones for each `wise` share (weight interpolation, Wortsman et al. 2022).
 The test cells are not read. adapt.py's fine-tune (step 3) is the second default setting, its 16 passes of 8
-copies of 20 crops at batch 32 being its 80 steps.
+copies of 20 crops at batch 32 being its 80 steps. A setting with "loop": "adapt.py" runs adapt.fine_tune itself
+for those steps, and with "soup": N keeps the mean of N such runs' weights (seeds 1000 s .. 1000 s + N - 1).
+The later comparisons (results/adapt_fine_tune_depth_{lisc,pbc}.json, adapt_fine_tune_runs_lisc.json) give their
+exact --configs in their "command".
 """
 
 from __future__ import annotations

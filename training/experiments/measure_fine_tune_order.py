@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from hematovision.classifier import symmetric_views
+    from hematovision.fast_runtime import sha256_of
     from training import adapt
 
     started = time.time()
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
             config.display_path(w) if os.path.isabs(w) else w for w in (sys.argv[1:] if argv is None else argv)),
         "lab": args.lab,
         "base_model": config.display_path(args.base),
+        "base_sha256": sha256_of(args.base),
         "k": args.k,
         "data": (f"adapted on k cells per class of the lab's {drawn_from} cells (one crop each), in three orders; "
                  f"accuracy on all crops of its {args.split} cells, served as the mean over 8 flips/quarter-turns"),
