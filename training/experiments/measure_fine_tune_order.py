@@ -10,6 +10,8 @@ to show how far the command's one run can sit from that script's table.
     python training/experiments/measure_fine_tune_order.py --lab lisc --base /tmp/lolo0/lisc/blood_cell_model.h5 \
         --data-root ../shared/data --from-layers block_13_expand,block_10_expand --split test \
         --json training/experiments/results/fine_tune_order_lisc_test.json
+    python training/experiments/measure_fine_tune_order.py --lab pbc --base /tmp/lolo0/pbc/blood_cell_model.h5 \
+        --data-root ../shared/data --split test --json training/experiments/results/fine_tune_order_pbc_test.json
 
 The orders: as adapt.py reads a lab's folders (class by class, file names sorted), as drawn, and reversed. The
 statistics and the refitted classifier do not depend on the order; the fine-tune's batches (a permutation of the
