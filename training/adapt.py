@@ -385,6 +385,15 @@ def softmax_of(features: np.ndarray, head: tuple[np.ndarray, np.ndarray]) -> np.
     return softmax(np.asarray(features, np.float64) @ head[0] + head[1], axis=1)
 
 
+def served_probabilities(runner: FeatureRunner, crops: np.ndarray, head: tuple[np.ndarray, np.ndarray],
+                         views: int) -> np.ndarray:
+    """What an adapted model served with `views` test-time views answers for these crops, with classifier `head`:
+    the mean over the crops' first `views` flips/quarter-turns (the measurements score adaptations with it)."""
+    from hematovision.classifier import symmetric_views
+
+    return np.mean([softmax_of(runner(view)[1], head) for view in symmetric_views(np.asarray(crops), views)], axis=0)
+
+
 def fine_tune(model, crops: np.ndarray, targets: np.ndarray, *, steps: int = DEFAULTS["fine_tune_steps"],
               first_layer: str = DEFAULTS["fine_tune_from"], learning_rate: float = DEFAULTS["fine_tune_lr"],
               batch_size: int = DEFAULTS["fine_tune_batch"], seed: int = DEFAULTS["seed"],

@@ -99,3 +99,12 @@ def merge(a: CropSet, b: CropSet) -> CropSet:
     rows = Rows(a.rows.lab, a.rows.paths + b.rows.paths, a.rows.targets + b.rows.targets,
                 a.rows.groups + b.rows.groups)
     return CropSet(rows, np.concatenate([a.crops, b.crops]), np.concatenate([a.found, b.found]))
+
+
+def lab_sets(lab: str, data_root: Path, names=("train", "validation", "test"), *, cache_dir: Path | None = None,
+             workers: int | None = None) -> dict[str, CropSet]:
+    """The lab's CropSets by split name (LISC: split by cell; PBC: the committed split), the four known types."""
+    from training import config, splits
+
+    return {name: load_crops(splits.lab_rows(lab, data_root, config.LABELS, name), workers=workers,
+                             cache_dir=cache_dir, desc=f"{lab} {name}") for name in names}

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training import config, splits
-from training.cropsets import load_crops
+from training import config
+from training.cropsets import lab_sets
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,21 +60,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import keras
 
-    from hematovision.classifier import symmetric_views
     from hematovision.network import set_trainable_from
     from training import adapt
     from training.augment import augment
 
     started = time.time()
-    sets = {split: load_crops(splits.lab_rows(args.lab, args.data_root, config.LABELS, split),
-                              cache_dir=args.cache_dir, desc=split) for split in ("train", "validation")}
+    sets = lab_sets(args.lab, args.data_root, ("train", "validation"), cache_dir=args.cache_dir)
     train, validation = sets["train"], sets["validation"]
     base = adapt.ResettableModel(args.base)
-    views = list(symmetric_views(validation.crops, 8))
-
     def served(model) -> float:
         head = adapt.head_layer(model).get_weights()
-        return validation.accuracy(np.mean([adapt.softmax_of(base.runner(v)[1], head) for v in views], axis=0))
+        return validation.accuracy(adapt.served_probabilities(base.runner, validation.crops, head, 8))
 
     runs: dict[str, list[float]] = {}
 

@@ -61,7 +61,7 @@ import numpy as np
 
 from hematovision.fast_runtime import sha256_of
 from training import config, splits
-from training.cropsets import load_crops, merge
+from training.cropsets import lab_sets, load_crops, merge
 from training.metrics import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,14 +104,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def summary(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "sd": float(np.std(values)), "min": float(np.min(values)),
             "runs": [round(v, 4) for v in values]}
-
-
-def served_probabilities(runner, crops: np.ndarray, head, views: int) -> np.ndarray:
-    """The app's probabilities for these crops with `head`: the mean over their first `views` views."""
-    from hematovision.classifier import symmetric_views
-    from training.adapt import softmax_of
-
-    return np.mean([softmax_of(runner(view)[1], head) for view in symmetric_views(crops, views)], axis=0)
 
 
 def choose(base, train, validation, ks, seeds, mixes, l2s, views_served) -> dict:
@@ -187,7 +179,7 @@ def test(base, pool, test_set, ks, seeds, setting: dict) -> dict:
                                      fine_tune_steps=setting.get("fine_tune_steps", 0), runner=base.runner,
                                      progress=False)
             seconds.append(time.perf_counter() - started)
-            probabilities = served_probabilities(base.runner, test_set.crops, adaptation.head,
+            probabilities = adapt.served_probabilities(base.runner, test_set.crops, adaptation.head,
                                                  setting["test_time_views"])
             values.append(test_set.accuracy(probabilities))
             print(f"  test: k={k} seed={seed}: {values[-1]:.3f} ({seconds[-1]:.0f} s)", flush=True)
@@ -249,13 +241,6 @@ def command(base_path: Path, pool, test_set, others: dict, k: int, setting: dict
             "leave_one_out": {key: figures[key] for key in ("n", "accuracy", "accuracy_ci95")}}
 
 
-def lab_sets(args) -> dict:
-    """train / validation / test CropSets of the lab (LISC: by cell; PBC: the committed split)."""
-    return {split: load_crops(splits.lab_rows(args.lab, args.data_root, config.LABELS, split),
-                              workers=args.threads or None, cache_dir=args.cache_dir, desc=f"{args.lab} {split}")
-            for split in ("train", "validation", "test")}
-
-
 def abstention_sets(args) -> dict:
     """LISC's test basophils (a type the model does not know), and the non-cell images when --noncell-dir is
     given, as CropSets."""
@@ -280,7 +265,7 @@ def main(argv=None) -> int:
 
     started = time.time()
     ks = [int(k) for k in args.ks.split(",")]
-    sets = lab_sets(args)
+    sets = lab_sets(args.lab, args.data_root, cache_dir=args.cache_dir, workers=args.threads or None)
     for split, crops in sets.items():
         print(f"{args.lab} {split}: {len(crops.rows)} files of {len(set(crops.rows.groups))} cells, white cell found "
               f"in {int(crops.found.sum())}", flush=True)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training import config, splits
-from training.cropsets import load_crops, merge
+from training import config
+from training.cropsets import lab_sets, merge
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,13 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hematovision.classifier import symmetric_views
     from hematovision.fast_runtime import sha256_of
     from training import adapt
 
     started = time.time()
-    sets = {split: load_crops(splits.lab_rows(args.lab, args.data_root, config.LABELS, split),
-                              cache_dir=args.cache_dir, desc=split) for split in ("train", "validation", "test")}
+    sets = lab_sets(args.lab, args.data_root, cache_dir=args.cache_dir)
     if args.split == "test":  # drawn from train + validation, scored on test (measure_adaptation.py's pool)
         train, validation = merge(sets["train"], sets["validation"]), sets["test"]
     else:
@@ -64,7 +62,6 @@ def main(argv=None) -> int:
     drawn_from = "train" if args.split == "validation" else "train + validation"
     paths = [train.rows.paths[i] for i in np.flatnonzero(train.found)]
     base = adapt.ResettableModel(args.base)
-    views = list(symmetric_views(validation.crops, 8))
     results = {}
     for layer in args.from_layers.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -75,8 +72,8 @@ def main(argv=None) -> int:
                 model = base.fresh()
                 adaptation = adapt.adapt(model, train.crops[index], train.targets[index], fine_tune_from=layer,
                                          runner=base.runner, progress=False)
-                accuracy = validation.accuracy(np.mean([adapt.softmax_of(base.runner(v)[1], adaptation.head)
-                                                        for v in views], axis=0))
+                accuracy = validation.accuracy(adapt.served_probabilities(base.runner, validation.crops,
+                                                                          adaptation.head, 8))
                 results.setdefault(layer, {}).setdefault(f"draw {seed}", {})[order] = round(float(accuracy), 4)
                 print(f"{layer}, draw {seed}, {order}: {accuracy:.4f}", flush=True)
     config.write_json(args.json, {
