@@ -32,6 +32,21 @@ def test_split_by_group_never_puts_a_source_on_both_sides():
     assert {targets[i] for i in val_idx} == {0, 1}  # every class is validated
 
 
+def test_copies_per_class_take_more_of_each_photo_where_a_class_has_few():
+    rows = splits.Rows("kaggle")
+    for photo in range(6):  # class 0: 6 photos of 10 copies; class 1: 2 photos of 10 copies
+        for copy in range(10):
+            rows.add(Path(f"a{photo}_{copy}.jpeg"), 0, f"a{photo}")
+    for photo in range(2):
+        for copy in range(10):
+            rows.add(Path(f"b{photo}_{copy}.jpeg"), 1, f"b{photo}")
+    balanced = rows.per_group_by_class(12, seed=0)
+    per_group = {g: balanced.groups.count(g) for g in set(balanced.groups)}
+    assert per_group == {**{f"a{i}": 2 for i in range(6)}, "b0": 6, "b1": 6}
+    assert len(set(balanced.paths)) == len(balanced)  # each file once
+    assert rows.per_group(3, seed=0).groups.count("b0") == 3
+
+
 def write_lisc(root: Path, cells_per_class: int = 5, crops_per_cell: int = 2) -> Path:
     """A LISC-like folder: shifted copies (here: the same sample file) of each cell, listed in groups.csv."""
     folder = root / config.LISC

@@ -43,7 +43,9 @@ refuses) an earlier LISC base preferred mix 0.5 (0.837 against 0.761).
    0.978 on LISC validation without it) found no gain: that base left nothing to gain. Those runs started at
    block_13_expand; from block_10_expand (results/adapt_fine_tune_depth_{lisc,pbc}.json, the current
    leave-one-lab-out models, 3 draws, as fast per step) LISC 0.954 -> 0.972, PBC 0.927 -> 0.937 (twice the steps
-   from block 13: 0.965 / 0.939). One fine-tune's result also depends on the order of its batches; the mean of
+   from block 13: 0.965 / 0.939); with 5 draws (results/adapt_fine_tune_deeper_{lisc,pbc}.json), from
+   block_6_expand 0.952 / 0.951 and half the learning rate for twice the steps 0.966 / 0.935, against 0.962 / 0.952
+   for these defaults. One fine-tune's result also depends on the order of its batches; the mean of
    three runs' weights (seeds s, s+1, s+2) read lower on LISC, 0.956 against 0.972
    (results/adapt_fine_tune_runs_lisc.json), so one run it is; batches that each hold every labelled crop once (128
    steps) read 0.959 / 0.941 against 0.972 / 0.951 for this loop (results/adapt_fine_tune_batch_{lisc,pbc}.json).

@@ -50,6 +50,18 @@ class Rows:
         keep = [int(i) for g in np.unique(groups) for i in rng.permutation(np.flatnonzero(groups == g))[:cap]]
         return self.subset(sorted(keep))
 
+    def per_group_by_class(self, per_class: int, seed: int) -> Rows:
+        """About `per_class` files of each class, as many copies of each of its groups (a class of few photos takes
+        more of each photo's augmented copies, so that every class weighs the same in training)."""
+        targets, groups = np.asarray(self.targets), np.asarray(self.groups)
+        rng = np.random.default_rng(seed)
+        keep = []
+        for k in np.unique(targets):
+            class_groups = np.unique(groups[targets == k])
+            cap = int(np.ceil(per_class / len(class_groups)))
+            keep += [int(i) for g in class_groups for i in rng.permutation(np.flatnonzero(groups == g))[:cap]]
+        return self.subset(sorted(keep))
+
     def limit(self, per_class: int, seed: int) -> Rows:
         """At most `per_class` files of each class, whole groups first (smoke runs)."""
         if not per_class:
@@ -184,7 +196,8 @@ def lab_rows(lab: str, data_root: Path, labels: list[str], split: str, **kwargs)
 def recipe_rows(lab: str, data_root: Path, split: str, settings: dict, *, include_unknown: bool = False,
                 other_types: bool = False) -> Rows:
     """The rows train.py takes for this lab and split under its `settings` (val_fraction, seed, kaggle_per_photo,
-    limit): Kaggle's copies capped per source photo outside TEST, at most `limit` files per class. `other_types`:
+    kaggle_per_class, limit): Kaggle's copies capped per source photo outside TEST (in training, with
+    kaggle_per_class, about that many per class instead), at most `limit` files per class. `other_types`:
     only the cells of types the model does not classify (LISC's basophils, target -1)."""
     kwargs = {"val_fraction": settings["val_fraction"], "seed": settings["seed"]} if lab == "kaggle" else {}
     if include_unknown or other_types:
@@ -192,6 +205,8 @@ def recipe_rows(lab: str, data_root: Path, split: str, settings: dict, *, includ
     rows = lab_rows(lab, data_root, config.LABELS, split, **kwargs)
     if other_types:
         rows = rows.subset(np.flatnonzero(np.asarray(rows.targets) < 0))
+    elif lab == "kaggle" and split == "train" and settings.get("kaggle_per_class"):
+        rows = rows.per_group_by_class(settings["kaggle_per_class"], settings["seed"])
     elif lab == "kaggle" and split != "test":
         rows = rows.per_group(settings["kaggle_per_photo"], settings["seed"])
     return rows.limit(settings["limit"], settings["seed"])

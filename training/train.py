@@ -49,6 +49,7 @@ DEFAULTS = {
     "seed": config.SEED,
     "val_fraction": 0.15,
     "kaggle_per_photo": 8,
+    "kaggle_per_class": 0,
     "lisc_repeat": 2,
     "batch_size": 64,
     "head_lr": 1e-3,
@@ -84,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of Kaggle TRAIN's source photos held out for validation")
     p.add_argument("--kaggle-per-photo", type=int, default=DEFAULTS["kaggle_per_photo"],
                    help="at most this many of the augmented copies of each Kaggle source photo")
+    p.add_argument("--kaggle-per-class", type=int, default=DEFAULTS["kaggle_per_class"],
+                   help="in training, about this many Kaggle files per class instead: more copies of each photo of "
+                        "a class with few photos (0: --kaggle-per-photo for every class)")
     p.add_argument("--lisc-repeat", type=int, default=DEFAULTS["lisc_repeat"],
                    help="LISC's training crops are shown this many times per epoch (it is the smallest lab)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
@@ -615,7 +619,9 @@ def describe(args, argv, sets: dict, state: dict, device: str) -> dict:
             "data": counts,
             "splits": ("Kaggle TRAIN: validation = whole source photos (training/splits/kaggle_train_sources.csv, "
                        f"fraction {args.val_fraction}, seed {args.seed}), at most {args.kaggle_per_photo} copies "
-                       "per photo; PBC: training/splits/pbc_split.csv; LISC: by cell_id, 60/20/20 per class, "
+                       "per photo" + (f" (in training, about {args.kaggle_per_class} files per class, as many "
+                                      "copies of each photo)" if args.kaggle_per_class else "")
+                       + "; PBC: training/splits/pbc_split.csv; LISC: by cell_id, 60/20/20 per class, "
                        f"seed {args.seed}. Test rows were never used for a choice."),
             "chosen_on": ("the epoch with the best mean validation accuracy over the training labs"
                           + (f", or the mean of the last {args.average} epochs' weights where that scores at "

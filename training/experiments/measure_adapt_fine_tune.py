@@ -17,8 +17,8 @@ The test cells are not read. adapt.py's fine-tune (step 3) is the second default
 copies of 20 crops at batch 32 being its 80 steps. A setting with "loop": "adapt.py" runs adapt.fine_tune itself
 for those steps ("steps" and "batch", a number or "all" of the k x 4 crops, override them), and with "soup": N
 keeps the mean of N such runs' weights (seeds 1000 s .. 1000 s + N - 1).
-The later comparisons (results/adapt_fine_tune_depth_{lisc,pbc}.json, adapt_fine_tune_runs_lisc.json) give their
-exact --configs in their "command".
+The later comparisons (results/adapt_fine_tune_depth_{lisc,pbc}.json, adapt_fine_tune_runs_lisc.json,
+adapt_fine_tune_deeper_{lisc,pbc}.json) give their exact --configs in their "command".
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                 for member in range(setting.get("soup", 1)):
                     model.set_weights(adapted)
                     batch = len(crops) if setting.get("batch") == "all" else setting.get("batch", 32)
-                    adapt.fine_tune(model, crops, targets, steps=setting.get("steps", setting["epochs"] * batches),
+                    adapt.fine_tune(model, crops, targets, steps=setting.get("steps") or setting["epochs"] * batches,
                                     first_layer=setting["from"], learning_rate=setting["lr"], batch_size=batch,
                                     seed=1000 * seed + member, progress=False)
                     members.append(model.get_weights())
