@@ -39,6 +39,10 @@ and adapt.py's defaults then measured on each lab's test cells (the README's tab
     python training/experiments/measure_adaptation.py --lab pbc --skip-choose --ks 1,5,20 --seeds 2 \
         --command-ks 5 --base /tmp/lolo/pbc/blood_cell_model.h5 \
         --json training/experiments/results/adaptation_pbc.json
+    python training/experiments/measure_adaptation.py --lab pbc --skip-choose --ks 5 --seeds 5 --command-ks "" \
+        --base /tmp/lolo/pbc/blood_cell_model.h5 --json training/experiments/results/adaptation_pbc_k5.json
+
+(the last: PBC at k = 5 with 5 draws instead of 2, the README's figure; its first two draws are the earlier two)
 
 PBC's split is the committed one (training/splits/pbc_split.csv), each image its own "cell". --threads limits
 TensorFlow's CPU threads here; the timed command of step 3 runs on --command-cores CPU cores (all by default).
