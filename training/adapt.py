@@ -608,12 +608,6 @@ def loo_distances(z: np.ndarray, targets: np.ndarray, base_means: np.ndarray, se
 # --- the command -------------------------------------------------------------------------------------------------
 
 
-def command_line(argv) -> str:
-    """The command as typed, with paths shown relative (no absolute path of this machine)."""
-    words = [config.display_path(w) if os.path.isabs(w) else w for w in (sys.argv[1:] if argv is None else argv)]
-    return "python training/adapt.py " + " ".join(words)
-
-
 def check_paths(args) -> None:
     if args.out.suffix.lower() != ".h5":
         raise DataError(f"--out must name a .h5 file, not {args.out.name}")
@@ -663,7 +657,7 @@ def describe(args, argv, base_metadata: dict, base_sha: str, images: LabImages, 
         "base_name": base_metadata.get("name"),
         "base_created": base_metadata.get("created"),
         "created": metadata["created"],
-        "command": command_line(argv),
+        "command": config.command_line("training/adapt.py", argv),
         "data": config.display_path(lab),
         "images_per_class": per_class,
         "unlabelled_images": int((targets < 0).sum()),

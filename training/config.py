@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +41,13 @@ def display_path(path: str | Path) -> str:
         return path.resolve().relative_to(ROOT).as_posix()
     except ValueError:
         return Path(*path.parts[-2:]).as_posix() if len(path.parts) >= 2 else path.name
+
+
+def command_line(script: str, argv=None) -> str:
+    """`python SCRIPT ARGS` as typed (sys.argv's arguments when argv is None), with paths shown as display_path
+    shows them: the command a metadata or results file records, never this machine's absolute paths."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    return f"python {script} " + " ".join(display_path(w) if os.path.isabs(w) else w for w in words)
 
 
 def write_json(path: str | Path, data) -> None:

@@ -435,14 +435,6 @@ def library_versions() -> dict:
     return versions
 
 
-def command_line(argv) -> str:
-    """The command as typed, with paths shown relative (no absolute path of this machine)."""
-    words = []
-    for word in (sys.argv[1:] if argv is None else list(argv)):
-        words.append(config.display_path(word) if os.path.isabs(word) else word)
-    return "python training/train.py " + " ".join(words)
-
-
 def check_weights(weights: str) -> None:
     """Fail before any work when the ImageNet weights cannot be had."""
     if weights in ("imagenet", "none"):
@@ -613,7 +605,7 @@ def describe(args, argv, sets: dict, state: dict, device: str) -> dict:
         "architecture": "MobileNetV2 alpha 1.0 (ImageNet-initialised) + global average pooling + dropout + dense",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "training": {
-            "command": command_line(argv),
+            "command": config.command_line("training/train.py", argv),
             "labs": args.labs,
             "held_out_lab": args.hold_out,
             "data": counts,

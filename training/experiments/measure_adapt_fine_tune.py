@@ -122,8 +122,7 @@ def main(argv=None) -> int:
             set_trainable_from(model, None)
 
     result = {
-        "command": "python training/experiments/measure_adapt_fine_tune.py " + " ".join(
-            config.display_path(w) if os.path.isabs(w) else w for w in (sys.argv[1:] if argv is None else argv)),
+        "command": config.command_line("training/experiments/measure_adapt_fine_tune.py", argv),
         "lab": args.lab,
         "base_model": config.display_path(args.base),
         "k": args.k,

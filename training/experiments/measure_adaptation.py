@@ -184,7 +184,7 @@ def test(base, pool, test_set, ks, seeds, setting: dict) -> dict:
                                      progress=False)
             seconds.append(time.perf_counter() - started)
             probabilities = adapt.served_probabilities(base.runner, test_set.crops, adaptation.head,
-                                                 setting["test_time_views"])
+                                                       setting["test_time_views"])
             values.append(test_set.accuracy(probabilities))
             print(f"  test: k={k} seed={seed}: {values[-1]:.3f} ({seconds[-1]:.0f} s)", flush=True)
         results[str(k)] = {"accuracy": summary(values), "seconds": summary(seconds)}
@@ -276,8 +276,7 @@ def main(argv=None) -> int:
     base = adapt.ResettableModel(args.base)
     base_metadata = json.loads(args.base.with_suffix(".json").read_text())
     result = {
-        "command": "python training/experiments/measure_adaptation.py " + " ".join(
-            config.display_path(w) if os.path.isabs(w) else w for w in (sys.argv[1:] if argv is None else argv)),
+        "command": config.command_line("training/experiments/measure_adaptation.py", argv),
         "lab": args.lab,
         "base_model": config.display_path(args.base),
         "base_held_out_lab": (base_metadata.get("training") or {}).get("held_out_lab"),

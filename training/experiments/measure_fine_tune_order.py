@@ -77,8 +77,7 @@ def main(argv=None) -> int:
                 results.setdefault(layer, {}).setdefault(f"draw {seed}", {})[order] = round(float(accuracy), 4)
                 print(f"{layer}, draw {seed}, {order}: {accuracy:.4f}", flush=True)
     config.write_json(args.json, {
-        "command": "python training/experiments/measure_fine_tune_order.py " + " ".join(
-            config.display_path(w) if os.path.isabs(w) else w for w in (sys.argv[1:] if argv is None else argv)),
+        "command": config.command_line("training/experiments/measure_fine_tune_order.py", argv),
         "lab": args.lab,
         "base_model": config.display_path(args.base),
         "base_sha256": sha256_of(args.base),
