@@ -180,10 +180,10 @@ def load_classifier(
 
 
 def load_keras_model(model_path: Path):
-    import keras  # heavy: imported only when the Keras model itself is needed
+    from hematovision.network import load_model  # heavy (Keras): imported only when the model itself is needed
 
     try:
-        return keras.models.load_model(model_path, compile=False)
+        return load_model(model_path)
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to a user
         raise ModelLoadError(f"Could not load the model {model_path}: {exc}") from exc
 

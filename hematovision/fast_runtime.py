@@ -257,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         fresh = read_fresh_tflite(args.model) is not None
         print(f"{tflite_path_for(args.model)}: {'fresh' if fresh else 'missing or stale'}")
         return 0 if fresh else 1
-    import keras
+    from hematovision.network import load_model
 
-    model = keras.models.load_model(args.model, compile=False)
+    model = load_model(args.model)
     content = convert_keras_model(with_features(model))
     path = write_tflite(args.model, content, sha256_of(args.model))
     print(f"wrote {path} ({len(content) / 1e6:.1f} MB) and {stamp_path_for(args.model)}")

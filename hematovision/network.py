@@ -3,20 +3,51 @@
 from __future__ import annotations
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 from hematovision.imaging import IMAGE_SIZE
 
 BASE_NAME = "mobilenetv2_1.00_224"
 
 
+@keras.saving.register_keras_serializable(package="hematovision")
+class ColourStandardisation(layers.Layer):
+    """Each image moved to mean 0 and standard deviation `spread`, each image on its own: a lab's stain strength,
+    brightness and contrast are gone before the network sees the cell, as a lamp's colour cast is gone after
+    white_balance. `per_channel` standardises red, green and blue each on its own (the balance between the stains
+    goes too); otherwise one mean and spread over all three (brightness and contrast only, colours keep their
+    relations). No weights; registered, so an .h5 holding it loads wherever this module is imported."""
+
+    def __init__(self, spread: float = 0.5, epsilon: float = 1e-3, per_channel: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.spread, self.epsilon, self.per_channel = spread, epsilon, per_channel
+
+    def call(self, x):
+        axes = (1, 2) if self.per_channel else (1, 2, 3)
+        mean = ops.mean(x, axis=axes, keepdims=True)
+        variance = ops.mean(ops.square(x - mean), axis=axes, keepdims=True)
+        return (x - mean) * (self.spread * ops.rsqrt(variance + self.epsilon))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "spread": self.spread, "epsilon": self.epsilon, "per_channel": self.per_channel}
+
+
+STANDARDISE = ("off", "colour", "contrast")  # build_model's choices: none, ColourStandardisation per channel, or not
+
+
 def build_model(num_classes: int, weights: str | None = "imagenet", dropout: float = 0.2,
-                image_size: tuple[int, int] = IMAGE_SIZE) -> keras.Model:
+                image_size: tuple[int, int] = IMAGE_SIZE, standardise: str = "off") -> keras.Model:
     """uint8-range RGB in (224x224 unless `image_size` says otherwise: training may start at a lower size; the
-    weights do not depend on it), softmax over `num_classes` out. All scaling lives inside the model."""
+    weights do not depend on it), softmax over `num_classes` out. All scaling lives inside the model, and with
+    `standardise` "colour" or "contrast" each image's standardisation too (ColourStandardisation per channel or
+    not)."""
     inputs = keras.Input(shape=(*image_size, 3), name="image")
     # MobileNetV2 expects [-1, 1]; a Rescaling layer (not preprocess_input) survives an .h5 round trip.
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_to_unit_range")(inputs)
+    if standardise not in STANDARDISE:
+        raise ValueError(f"standardise must be one of {STANDARDISE}, not {standardise!r}")
+    if standardise != "off":
+        x = ColourStandardisation(per_channel=standardise == "colour", name="colour_standardisation")(x)
     base = keras.applications.MobileNetV2(
         include_top=False, alpha=1.0, input_shape=(*image_size, 3), weights=weights, name=BASE_NAME
     )
@@ -28,6 +59,11 @@ def build_model(num_classes: int, weights: str | None = "imagenet", dropout: flo
     # float32 output so softmax stays exact under a mixed-precision policy on the GPU.
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="hematovision_mobilenetv2")
+
+
+def load_model(path):
+    """The Keras model at `path` (.h5 or .keras), with this module's layers known to Keras."""
+    return keras.models.load_model(path, compile=False)
 
 
 def base_of(model: keras.Model) -> keras.Model:

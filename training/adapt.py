@@ -332,9 +332,9 @@ class ResettableModel:
     measurements adapt one base many times)."""
 
     def __init__(self, path: Path):
-        import keras
+        from hematovision.network import load_model
 
-        self.model = keras.models.load_model(path, compile=False)
+        self.model = load_model(path)
         self.weights = [w.copy() for w in self.model.get_weights()]
         self.runner = FeatureRunner(self.model)  # one traced graph: it reads the weights as they are
 

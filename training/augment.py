@@ -29,9 +29,11 @@ def place(image: np.ndarray, size: int, rng: np.random.Generator, min_scale: flo
     return picture.resize((size, size), Image.Resampling.BILINEAR)
 
 
-def colour(batch: np.ndarray, rng: np.random.Generator, stain: float, light: float, grey: float) -> np.ndarray:
+def colour(batch: np.ndarray, rng: np.random.Generator, stain: float, light: float, grey: float,
+           contrast: float | None = None) -> np.ndarray:
     """Per-image stain jitter in optical-density space (Tellez et al. 2018), brightness / contrast / saturation /
-    white balance, and a share `grey` of images turned grey. float32 0-255 in and out."""
+    white balance, and a share `grey` of images turned grey. Contrast is scaled by 1 +- `contrast` (by default
+    `light`, as brightness). float32 0-255 in and out."""
     n = len(batch)
 
     def factor(low, high, channels=1):
@@ -44,7 +46,8 @@ def colour(batch: np.ndarray, rng: np.random.Generator, stain: float, light: flo
     grey_level = batch.mean(axis=-1, keepdims=True)
     batch = grey_level + (batch - grey_level) * factor(1 - 2 * light, 1 + light)
     mean = batch.mean(axis=(1, 2, 3), keepdims=True)
-    batch = mean + (batch - mean) * factor(1 - light, 1 + light)
+    spread = light if contrast is None else contrast
+    batch = mean + (batch - mean) * factor(1 - spread, 1 + spread)
     batch *= factor(1 - light, 1 + light) * factor(1 - light / 3, 1 + light / 3, 3)
     to_grey = rng.random(n) < grey
     batch[to_grey] = batch[to_grey].mean(axis=-1, keepdims=True)
@@ -64,7 +67,7 @@ def coarse(picture: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def augment(crops: np.ndarray, size: int, rng: np.random.Generator, *, min_scale: float = 0.85,
             stain: float = 0.08, light: float = 0.15, grey: float = 0.0, blur: float = 0.2,
-            lowres: float = 0.0) -> np.ndarray:
+            lowres: float = 0.0, contrast: float | None = None) -> np.ndarray:
     """(N, H, W, 3) uint8 crops -> (N, size, size, 3) float32 0-255 augmented copies; a share `lowres` of them
     through coarse()."""
     out = np.empty((len(crops), size, size, 3), np.float32)
@@ -76,4 +79,4 @@ def augment(crops: np.ndarray, size: int, rng: np.random.Generator, *, min_scale
             picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2) * size / 224))
         array = np.rot90(np.asarray(picture), k=int(rng.integers(4)))
         out[i] = array[:, ::-1] if rng.random() < 0.5 else array
-    return colour(out, rng, stain, light, grey)
+    return colour(out, rng, stain, light, grey, contrast)

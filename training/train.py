@@ -65,6 +65,8 @@ DEFAULTS = {
     "stain": 0.15,
     "grey": 0.0,
     "lowres": 0.0,
+    "standardise": "off",
+    "contrast": 0.15,
     "devices": 1,
 }
 
@@ -111,6 +113,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of training crops shown in grey (colour-blind cameras, stains that differ in hue)")
     p.add_argument("--lowres", type=float, default=DEFAULTS["lowres"],
                    help="share of training crops shown at a 1.5-3.5x lower resolution, JPEG-compressed")
+    p.add_argument("--contrast", type=float, default=DEFAULTS["contrast"],
+                   help="contrast jitter: each training crop's contrast scaled by 1 +- this")
+    p.add_argument("--standardise", choices=("off", "colour", "contrast"), default=DEFAULTS["standardise"],
+                   nargs="?", const="colour",
+                   help="standardise each image inside the model (network.ColourStandardisation): each colour "
+                        "channel on its own (colour, what --standardise alone means), or brightness and contrast")
     p.add_argument("--devices", type=int, default=DEFAULTS["devices"],
                    help="data-parallel training over this many devices (GPUs, else logical CPU devices)")
     p.add_argument("--limit", type=int, default=0, help="at most N files per class and split (smoke runs)")
@@ -262,7 +270,8 @@ def distribution_scope(devices: int):
 
 def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size: int, seed: int, epoch: int,
             stain: float = DEFAULTS["stain"], lowres: float = DEFAULTS["lowres"], workers: int = 1,
-            grey: float = DEFAULTS["grey"], processes: bool = False, one_hot: int = 0):
+            grey: float = DEFAULTS["grey"], processes: bool = False, one_hot: int = 0,
+            contrast: float = DEFAULTS["contrast"]):
     """A keras.utils.PyDataset of augmented batches: every training crop once per epoch (a lab's `repeat`
     times), shuffled, augmented in `workers` background threads while the network trains (in order: each batch's
     generator is seeded by its own index, so any number of threads gives the same batches). `processes` makes them
@@ -288,7 +297,7 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
             idx = np.sort(self.order[i * batch_size:(i + 1) * batch_size])
             rng = np.random.default_rng([seed, self.epoch, i])
             targets = np.eye(one_hot, dtype=np.float32)[y[idx]] if one_hot else y[idx]
-            return augment(x[idx], size, rng, stain=stain, lowres=lowres, grey=grey), targets
+            return augment(x[idx], size, rng, stain=stain, lowres=lowres, grey=grey, contrast=contrast), targets
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -362,7 +371,7 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress, d
                 continue
             # Any input size: it trains on size x size batches and is validated at 224.
             model = build_model(len(config.LABELS), weights=weights if not done else None, dropout=args.dropout,
-                                image_size=(None, None))
+                                image_size=(None, None), standardise=args.standardise)
             weights = None  # only the first model starts from ImageNet; later ones take the previous weights
             if (checkpoint / "last.weights.h5").is_file():
                 model.load_weights(checkpoint / "last.weights.h5")
@@ -383,11 +392,11 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress, d
             progress.say(f"{phase}: {size} px, epochs {start + 1}-{epochs}, {steps_per_epoch} steps of "
                          f"{args.batch_size}, {'head only' if phase == 'head' else 'from ' + args.fine_tune_from}")
             model.fit(batches(x, y, repeat, size, args.batch_size, args.seed, start * 1000, args.stain, args.lowres,
-                              loader, args.grey, one_hot=classes),
+                              loader, args.grey, one_hot=classes, contrast=args.contrast),
                       epochs=epochs, initial_epoch=start, callbacks=[callback], verbose=0)
             done = set(state["done"])
     # Best epoch by validation; exported at 224 in float32 whatever trained it.
-    final = build_model(len(config.LABELS), weights=None, dropout=args.dropout)
+    final = build_model(len(config.LABELS), weights=None, dropout=args.dropout, standardise=args.standardise)
     final.load_weights(checkpoint / "best.weights.h5")
     if args.average > 1:
         average_last_epochs(final, args.average, checkpoint, val, state, progress)
