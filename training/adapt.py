@@ -45,7 +45,9 @@ refuses) an earlier LISC base preferred mix 0.5 (0.837 against 0.761).
    leave-one-lab-out models, 3 draws, as fast per step) LISC 0.954 -> 0.972, PBC 0.927 -> 0.937 (twice the steps
    from block 13: 0.965 / 0.939); with 5 draws (results/adapt_fine_tune_deeper_{lisc,pbc}.json), from
    block_6_expand 0.952 / 0.951 and half the learning rate for twice the steps 0.966 / 0.935, against 0.962 / 0.952
-   for these defaults. One fine-tune's result also depends on the order of its batches; the mean of
+   for these defaults; training's colour jitter (stain and light 0.15) instead of the milder one 0.951 / 0.943
+   (results/adapt_fine_tune_jitter_{lisc,pbc}.json, the same draws). One fine-tune's result also depends on the
+   order of its batches; the mean of
    three runs' weights (seeds s, s+1, s+2) read lower on LISC, 0.956 against 0.972
    (results/adapt_fine_tune_runs_lisc.json), so one run it is; batches that each hold every labelled crop once (128
    steps) read 0.959 / 0.941 against 0.972 / 0.951 for this loop (results/adapt_fine_tune_batch_{lisc,pbc}.json).
@@ -399,11 +401,12 @@ def served_probabilities(runner: FeatureRunner, crops: np.ndarray, head: tuple[n
 def fine_tune(model, crops: np.ndarray, targets: np.ndarray, *, steps: int = DEFAULTS["fine_tune_steps"],
               first_layer: str = DEFAULTS["fine_tune_from"], learning_rate: float = DEFAULTS["fine_tune_lr"],
               batch_size: int = DEFAULTS["fine_tune_batch"], seed: int = DEFAULTS["seed"],
-              progress: bool = True) -> int:
+              progress: bool = True, stain: float = 0.05, light: float = 0.1) -> int:
     """Train the layers from `first_layer` on, and the classifier, for `steps` batches of augmented copies of the
-    labelled crops (training/augment.py, with milder colour jitter than training: the lab's own colours are what
-    it learns), each pass over the crops in a new order; Adam, the learning rate cosine-decayed to 0. The number
-    of steps is fixed, so the time does not grow with the number of images. Returns the trainable layer count."""
+    labelled crops (training/augment.py, by default with milder colour jitter than training, `stain` and `light`:
+    the lab's own colours are what it learns), each pass over the crops in a new order; Adam, the learning rate
+    cosine-decayed to 0. The number of steps is fixed, so the time does not grow with the number of images.
+    Returns the trainable layer count."""
     import keras
 
     from hematovision.network import flat_layers, set_trainable_from
@@ -429,7 +432,7 @@ def fine_tune(model, crops: np.ndarray, targets: np.ndarray, *, steps: int = DEF
             while len(order) < batch_size:
                 order = np.concatenate([order, rng.permutation(len(crops))])
             batch, order = order[:batch_size], order[batch_size:]
-            model.train_on_batch(augment(crops[batch], size, rng, stain=0.05, light=0.1, blur=0.2), targets[batch])
+            model.train_on_batch(augment(crops[batch], size, rng, stain=stain, light=light, blur=0.2), targets[batch])
     finally:
         model.trainable = False  # every layer frozen again, as the statistics step and serving expect
     return count

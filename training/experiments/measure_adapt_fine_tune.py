@@ -15,7 +15,8 @@ rate from `lr`, `epochs` passes over `copies` copies of each crop at batch 32; s
 the weights half-way back to the adapted ones for each `wise` share (weight interpolation, Wortsman et al. 2022).
 The test cells are not read. adapt.py's fine-tune (step 3) is the second default setting, its 16 passes of 8
 copies of 20 crops at batch 32 being its 80 steps. A setting with "loop": "adapt.py" runs adapt.fine_tune itself
-for those steps ("steps" and "batch", a number or "all" of the k x 4 crops, override them), and with "soup": N
+for those steps ("steps" and "batch", a number or "all" of the k x 4 crops, override them; "stain" and "light" its
+colour jitter), and with "soup": N
 keeps the mean of N such runs' weights (seeds 1000 s .. 1000 s + N - 1).
 The later comparisons (results/adapt_fine_tune_depth_{lisc,pbc}.json, adapt_fine_tune_runs_lisc.json,
 adapt_fine_tune_deeper_{lisc,pbc}.json) give their exact --configs in their "command".
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
                     batch = len(crops) if setting.get("batch") == "all" else setting.get("batch", 32)
                     adapt.fine_tune(model, crops, targets, steps=setting.get("steps") or setting["epochs"] * batches,
                                     first_layer=setting["from"], learning_rate=setting["lr"], batch_size=batch,
-                                    seed=1000 * seed + member, progress=False)
+                                    seed=1000 * seed + member, progress=False,
+                                    **{k: setting[k] for k in ("stain", "light") if k in setting})
                     members.append(model.get_weights())
                 model.set_weights([np.mean(w, axis=0) for w in zip(*members, strict=True)])
             else:  # Keras fit() over `epochs` passes of `copies` augmented copies (the first measurements)
