@@ -24,9 +24,8 @@ class ColourStandardisation(layers.Layer):
 
     def call(self, x):
         axes = (1, 2) if self.per_channel else (1, 2, 3)
-        mean = ops.mean(x, axis=axes, keepdims=True)
-        variance = ops.mean(ops.square(x - mean), axis=axes, keepdims=True)
-        return (x - mean) * (self.spread * ops.rsqrt(variance + self.epsilon))
+        variance = ops.var(x, axis=axes, keepdims=True)
+        return (x - ops.mean(x, axis=axes, keepdims=True)) * (self.spread * ops.rsqrt(variance + self.epsilon))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "spread": self.spread, "epsilon": self.epsilon, "per_channel": self.per_channel}

@@ -47,10 +47,10 @@ refuses) an earlier LISC base preferred mix 0.5 (0.837 against 0.761).
    block_6_expand 0.952 / 0.951 and half the learning rate for twice the steps 0.966 / 0.935, against 0.962 / 0.952
    for these defaults; training's colour jitter (stain and light 0.15) instead of the milder one 0.951 / 0.943
    (results/adapt_fine_tune_jitter_{lisc,pbc}.json, the same draws). One fine-tune's result also depends on the
-   order of its batches; the mean of
-   three runs' weights (seeds s, s+1, s+2) read lower on LISC, 0.956 against 0.972
-   (results/adapt_fine_tune_runs_lisc.json), so one run it is; batches that each hold every labelled crop once (128
-   steps) read 0.959 / 0.941 against 0.972 / 0.951 for this loop (results/adapt_fine_tune_batch_{lisc,pbc}.json).
+   order of its batches; the mean of three runs' weights (seeds s, s+1, s+2) read lower on LISC, 0.956 against
+   0.972 (results/adapt_fine_tune_runs_lisc.json), so one run it is; batches that each hold every labelled crop
+   once (128 steps) read 0.959 / 0.941 against 0.972 / 0.951 for this loop
+   (results/adapt_fine_tune_batch_{lisc,pbc}.json).
 4. served with --test-time-views 8 (the metadata's test_time_views): the answer is the mean over a cell's 8
    flips/quarter-turns (k = 5: 0.96 with one view, 0.98 with 8), 8 model runs per cell.
 5. figures, calibration and the "uncertain" rule, from the given images alone (there is nothing else):

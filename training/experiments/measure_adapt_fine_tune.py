@@ -16,8 +16,7 @@ the weights half-way back to the adapted ones for each `wise` share (weight inte
 The test cells are not read. adapt.py's fine-tune (step 3) is the second default setting, its 16 passes of 8
 copies of 20 crops at batch 32 being its 80 steps. A setting with "loop": "adapt.py" runs adapt.fine_tune itself
 for those steps ("steps" and "batch", a number or "all" of the k x 4 crops, override them; "stain" and "light" its
-colour jitter), and with "soup": N
-keeps the mean of N such runs' weights (seeds 1000 s .. 1000 s + N - 1).
+colour jitter), and with "soup": N keeps the mean of N such runs' weights (seeds 1000 s .. 1000 s + N - 1).
 The later comparisons (results/adapt_fine_tune_depth_{lisc,pbc}.json, adapt_fine_tune_runs_lisc.json,
 adapt_fine_tune_deeper_{lisc,pbc}.json) give their exact --configs in their "command".
 """
