@@ -48,8 +48,11 @@ refuses) an earlier LISC base preferred mix 0.5 (0.837 against 0.761).
    for these defaults; training's colour jitter (stain and light 0.15) instead of the milder one 0.951 / 0.943
    (results/adapt_fine_tune_jitter_{lisc,pbc}.json, the same draws). One fine-tune's result also depends on the
    order of its batches; the mean of three runs' weights (seeds s, s+1, s+2) read lower on LISC, 0.956 against
-   0.972 (results/adapt_fine_tune_runs_lisc.json), so one run it is; batches that each hold every labelled crop
-   once (128 steps) read 0.959 / 0.941 against 0.972 / 0.951 for this loop
+   0.972 (results/adapt_fine_tune_runs_lisc.json), so one run it is; serving the mean of three runs' answers
+   (an ensemble, up to 3x the serving cost) read 0.959 on LISC over 5 draws, against 0.962 for this run alone
+   and 0.957 for the mean of the 15 single runs (results/adapt_fine_tune_ensemble_lisc.json; its rule, fixed
+   first, asked for a gain on both labs, so PBC was not run): the runs err on the same cells; batches that each
+   hold every labelled crop once (128 steps) read 0.959 / 0.941 against 0.972 / 0.951 for this loop
    (results/adapt_fine_tune_batch_{lisc,pbc}.json).
 4. served with --test-time-views 8 (the metadata's test_time_views): the answer is the mean over a cell's 8
    flips/quarter-turns (k = 5: 0.96 with one view, 0.98 with 8), 8 model runs per cell.

@@ -16,9 +16,12 @@ the weights half-way back to the adapted ones for each `wise` share (weight inte
 The test cells are not read. adapt.py's fine-tune (step 3) is the second default setting, its 16 passes of 8
 copies of 20 crops at batch 32 being its 80 steps. A setting with "loop": "adapt.py" runs adapt.fine_tune itself
 for those steps ("steps" and "batch", a number or "all" of the k x 4 crops, override them; "stain" and "light" its
-colour jitter), and with "soup": N keeps the mean of N such runs' weights (seeds 1000 s .. 1000 s + N - 1).
+colour jitter), and with "soup": N keeps the mean of N such runs' weights (seeds 1000 s .. 1000 s + N - 1);
+"ensemble": N instead scores each of N such runs and the mean of the first 2 .. N runs' served probabilities (run 0
+is adapt.py's).
 The later comparisons (results/adapt_fine_tune_depth_{lisc,pbc}.json, adapt_fine_tune_runs_lisc.json,
-adapt_fine_tune_deeper_{lisc,pbc}.json) give their exact --configs in their "command".
+adapt_fine_tune_deeper_{lisc,pbc}.json, adapt_fine_tune_ensemble_lisc.json) give their exact --configs in
+their "command".
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
             clock = time.time()
             if setting.get("loop") == "adapt.py":  # adapt.fine_tune itself; "soup": the mean of that many runs'
                 members = []  # weights, each from the adapted weights with its own seed (Wortsman et al. 2022)
-                for member in range(setting.get("soup", 1)):
+                for member in range(setting.get("soup", setting.get("ensemble", 1))):
                     model.set_weights(adapted)
                     batch = len(crops) if setting.get("batch") == "all" else setting.get("batch", 32)
                     adapt.fine_tune(model, crops, targets, steps=setting.get("steps") or setting["epochs"] * batches,
@@ -102,6 +105,17 @@ def main(argv=None) -> int:
                                     seed=1000 * seed + member, progress=False,
                                     **{k: setting[k] for k in ("stain", "light") if k in setting})
                     members.append(model.get_weights())
+                    if setting.get("ensemble"):  # each run served on its own, and the mean of their answers
+                        head = adapt.head_layer(model).get_weights()
+                        members[-1] = adapt.served_probabilities(base.runner, validation.crops, head, 8)
+                        record(f"{name}, run {member}", seed, validation.accuracy(members[-1]))
+                if setting.get("ensemble"):
+                    seconds.setdefault(name, []).append(round(time.time() - clock, 1))
+                    for n in range(2, len(members) + 1):
+                        record(f"{name}, mean of {n} runs' answers", seed,
+                               validation.accuracy(np.mean(members[:n], axis=0)))
+                    set_trainable_from(model, None)
+                    continue
                 model.set_weights([np.mean(w, axis=0) for w in zip(*members, strict=True)])
             else:  # Keras fit() over `epochs` passes of `copies` augmented copies (the first measurements)
                 model.set_weights(adapted)
