@@ -87,6 +87,25 @@ def test_augment_keeps_shape_and_range_and_follows_its_seed():
     assert not np.allclose(out, augment.augment(crops, 160, np.random.default_rng(5)))
 
 
+def test_restain_moves_each_image_to_colours_drawn_from_the_templates():
+    from skimage.color import rgb2lab
+
+    crops = np.stack([primary_crop_file(p) for p in sorted((SAMPLES / "LYMPHOCYTE").iterdir())])
+    templates = augment.stain_templates(crops)
+    assert templates.shape == (4, 3) and (templates[2] > 0).all()
+    batch = augment.augment(crops, 160, np.random.default_rng(4), stain=0, light=0, blur=0)
+    other_lab = np.array([[72, 12, -8], [0, 0, 0], [14, 9, 7], [0, 0, 0]], np.float32)  # no spread: one colour
+    out = augment.restain(batch.copy(), np.random.default_rng(0), other_lab, share=1.0)
+    lab = rgb2lab(out / 255.0)
+    np.testing.assert_allclose(lab.mean(axis=(1, 2)), np.tile(other_lab[0], (len(out), 1)), atol=1.5)
+    np.testing.assert_allclose(lab.std(axis=(1, 2)), np.tile(other_lab[2], (len(out), 1)), rtol=0.15)
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    np.testing.assert_array_equal(augment.restain(batch.copy(), np.random.default_rng(0), other_lab, 0.0), batch)
+    # Off by default, and then it draws nothing: the recipe's batches are the ones it always had.
+    np.testing.assert_array_equal(augment.augment(crops, 160, np.random.default_rng(4), restained=0.0),
+                                  augment.augment(crops, 160, np.random.default_rng(4)))
+
+
 def write_data_root(root: Path) -> Path:
     """The layout of --data-root with the committed sample cells: Kaggle TRAIN and TEST, and LISC."""
     for split in ("TRAIN", "TEST"):

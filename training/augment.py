@@ -10,6 +10,7 @@ texture are what stay, and what the network should learn. Cameras differ in reso
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -54,6 +55,34 @@ def colour(batch: np.ndarray, rng: np.random.Generator, stain: float, light: flo
     return np.clip(batch, 0.0, 255.0, out=batch)
 
 
+def stain_templates(crops: np.ndarray, sample: int = 1000) -> np.ndarray:
+    """(4, 3): over up to `sample` of the crops (evenly spaced), the mean and the spread of each image's CIELAB
+    channel means, then of its channel spreads: the distribution restain() draws a lab's colours from."""
+    from skimage.color import rgb2lab
+
+    picked = crops[np.linspace(0, len(crops) - 1, min(sample, len(crops))).astype(int)]
+    lab = np.stack([rgb2lab(image) for image in picked])
+    means, spreads = lab.mean(axis=(1, 2)), lab.std(axis=(1, 2))
+    return np.stack([means.mean(0), means.std(0), spreads.mean(0), spreads.std(0)]).astype(np.float32)
+
+
+def restain(batch: np.ndarray, rng: np.random.Generator, templates: np.ndarray, share: float) -> np.ndarray:
+    """A share of the images moved, channel by channel in CIELAB (Reinhard et al. 2001), to a mean and spread drawn
+    from `templates` (stain_templates()): each becomes the same cells as another lab might have stained and
+    photographed them. float32 0-255 in and out."""
+    from skimage.color import lab2rgb, rgb2lab
+
+    for i in np.flatnonzero(rng.random(len(batch)) < share):
+        lab = rgb2lab(batch[i] / 255.0)
+        mean, spread = lab.mean(axis=(0, 1)), lab.std(axis=(0, 1)) + 1e-3
+        new_mean = rng.normal(templates[0], templates[1])
+        new_spread = np.maximum(rng.normal(templates[2], templates[3]), 0.25 * templates[2])
+        with warnings.catch_warnings():  # lab2rgb clips out-of-gamut colours, and says so for every image
+            warnings.simplefilter("ignore", UserWarning)
+            batch[i] = 255.0 * lab2rgb((lab - mean) / spread * new_spread + new_mean)
+    return batch
+
+
 def coarse(picture: Image.Image, rng: np.random.Generator) -> Image.Image:
     """The picture as a lower-resolution camera would give it: 1.5-3.5x fewer pixels per side, JPEG-compressed at
     quality 40-90, then enlarged back (a small crop from another lab is upscaled the same way by the cell crop)."""
@@ -67,9 +96,10 @@ def coarse(picture: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def augment(crops: np.ndarray, size: int, rng: np.random.Generator, *, min_scale: float = 0.85,
             stain: float = 0.08, light: float = 0.15, grey: float = 0.0, blur: float = 0.2,
-            lowres: float = 0.0, contrast: float | None = None) -> np.ndarray:
+            lowres: float = 0.0, contrast: float | None = None, restained: float = 0.0,
+            templates: np.ndarray | None = None) -> np.ndarray:
     """(N, H, W, 3) uint8 crops -> (N, size, size, 3) float32 0-255 augmented copies; a share `lowres` of them
-    through coarse()."""
+    through coarse(), a share `restained` through restain() with `templates` before the colour jitter."""
     out = np.empty((len(crops), size, size, 3), np.float32)
     for i, image in enumerate(crops):
         picture = place(image, size, rng, min_scale)
@@ -79,4 +109,6 @@ def augment(crops: np.ndarray, size: int, rng: np.random.Generator, *, min_scale
             picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2) * size / 224))
         array = np.rot90(np.asarray(picture), k=int(rng.integers(4)))
         out[i] = array[:, ::-1] if rng.random() < 0.5 else array
+    if restained:
+        out = restain(out, rng, templates, restained)
     return colour(out, rng, stain, light, grey, contrast)

@@ -67,6 +67,7 @@ DEFAULTS = {
     "lowres": 0.0,
     "standardise": "off",
     "contrast": 0.15,
+    "restain": 0.0,
     "devices": 1,
 }
 
@@ -115,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of training crops shown at a 1.5-3.5x lower resolution, JPEG-compressed")
     p.add_argument("--contrast", type=float, default=DEFAULTS["contrast"],
                    help="contrast jitter: each training crop's contrast scaled by 1 +- this")
+    p.add_argument("--restain", type=float, default=DEFAULTS["restain"],
+                   help="share of training crops restained to colours drawn from the training crops' own "
+                        "(augment.restain: RandStainNA)")
     p.add_argument("--standardise", choices=("off", "colour", "contrast"), default=DEFAULTS["standardise"],
                    nargs="?", const="colour",
                    help="standardise each image inside the model (network.ColourStandardisation): each colour "
@@ -271,17 +275,18 @@ def distribution_scope(devices: int):
 def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size: int, seed: int, epoch: int,
             stain: float = DEFAULTS["stain"], lowres: float = DEFAULTS["lowres"], workers: int = 1,
             grey: float = DEFAULTS["grey"], processes: bool = False, one_hot: int = 0,
-            contrast: float = DEFAULTS["contrast"]):
+            contrast: float = DEFAULTS["contrast"], restain: float = DEFAULTS["restain"]):
     """A keras.utils.PyDataset of augmented batches: every training crop once per epoch (a lab's `repeat`
     times), shuffled, augmented in `workers` background threads while the network trains (in order: each batch's
     generator is seeded by its own index, so any number of threads gives the same batches). `processes` makes them
     worker processes: slower on the GPU machine measured (bench/bench_training_gpu.py), kept for that bench."""
     import keras
 
-    from training.augment import augment
+    from training.augment import augment, stain_templates
 
     x = np.concatenate([x_by_lab[lab] for lab in x_by_lab for _ in range(repeat.get(lab, 1))])
     y = np.concatenate([y_by_lab[lab] for lab in y_by_lab for _ in range(repeat.get(lab, 1))])
+    templates = stain_templates(x) if restain else None
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
@@ -297,7 +302,8 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
             idx = np.sort(self.order[i * batch_size:(i + 1) * batch_size])
             rng = np.random.default_rng([seed, self.epoch, i])
             targets = np.eye(one_hot, dtype=np.float32)[y[idx]] if one_hot else y[idx]
-            return augment(x[idx], size, rng, stain=stain, lowres=lowres, grey=grey, contrast=contrast), targets
+            return augment(x[idx], size, rng, stain=stain, lowres=lowres, grey=grey, contrast=contrast,
+                           restained=restain, templates=templates), targets
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -392,7 +398,7 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress, d
             progress.say(f"{phase}: {size} px, epochs {start + 1}-{epochs}, {steps_per_epoch} steps of "
                          f"{args.batch_size}, {'head only' if phase == 'head' else 'from ' + args.fine_tune_from}")
             model.fit(batches(x, y, repeat, size, args.batch_size, args.seed, start * 1000, args.stain, args.lowres,
-                              loader, args.grey, one_hot=classes, contrast=args.contrast),
+                              loader, args.grey, one_hot=classes, contrast=args.contrast, restain=args.restain),
                       epochs=epochs, initial_epoch=start, callbacks=[callback], verbose=0)
             done = set(state["done"])
     # Best epoch by validation; exported at 224 in float32 whatever trained it.
