@@ -106,6 +106,19 @@ def test_restain_moves_each_image_to_colours_drawn_from_the_templates():
                                   augment.augment(crops, 160, np.random.default_rng(4)))
 
 
+def test_coarse_goes_as_low_as_it_is_told():
+    from PIL import Image
+
+    crop = Image.fromarray(primary_crop_file(sorted((SAMPLES / "NEUTROPHIL").iterdir())[0]))
+
+    def detail(picture):
+        return np.abs(np.diff(np.asarray(picture, np.float32).mean(-1), axis=0)).mean()
+
+    mild, strong = (augment.coarse(crop, np.random.default_rng(3), most) for most in (2.0, 6.0))
+    assert mild.size == strong.size == crop.size
+    assert detail(strong) < detail(mild) < detail(crop)
+
+
 def write_data_root(root: Path) -> Path:
     """The layout of --data-root with the committed sample cells: Kaggle TRAIN and TEST, and LISC."""
     for split in ("TRAIN", "TEST"):

@@ -83,11 +83,11 @@ def restain(batch: np.ndarray, rng: np.random.Generator, templates: np.ndarray, 
     return batch
 
 
-def coarse(picture: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """The picture as a lower-resolution camera would give it: 1.5-3.5x fewer pixels per side, JPEG-compressed at
-    quality 40-90, then enlarged back (a small crop from another lab is upscaled the same way by the cell crop)."""
+def coarse(picture: Image.Image, rng: np.random.Generator, most: float = 3.5) -> Image.Image:
+    """The picture as a lower-resolution camera would give it: 1.5-`most` x fewer pixels per side, JPEG-compressed
+    at quality 40-90, then enlarged back (a small crop from another lab is upscaled the same way by the cell crop)."""
     size = picture.size[0]
-    small = max(16, round(size / rng.uniform(1.5, 3.5)))
+    small = max(16, round(size / rng.uniform(1.5, most)))
     buffer = io.BytesIO()
     picture.resize((small, small), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=int(rng.integers(40, 91)))
     buffer.seek(0)
@@ -97,14 +97,15 @@ def coarse(picture: Image.Image, rng: np.random.Generator) -> Image.Image:
 def augment(crops: np.ndarray, size: int, rng: np.random.Generator, *, min_scale: float = 0.85,
             stain: float = 0.08, light: float = 0.15, grey: float = 0.0, blur: float = 0.2,
             lowres: float = 0.0, contrast: float | None = None, restained: float = 0.0,
-            templates: np.ndarray | None = None) -> np.ndarray:
+            templates: np.ndarray | None = None, lowres_most: float = 3.5) -> np.ndarray:
     """(N, H, W, 3) uint8 crops -> (N, size, size, 3) float32 0-255 augmented copies; a share `lowres` of them
-    through coarse(), a share `restained` through restain() with `templates` before the colour jitter."""
+    through coarse() (up to `lowres_most` x fewer pixels per side), a share `restained` through restain() with
+    `templates` before the colour jitter."""
     out = np.empty((len(crops), size, size, 3), np.float32)
     for i, image in enumerate(crops):
         picture = place(image, size, rng, min_scale)
         if rng.random() < lowres:
-            picture = coarse(picture, rng)
+            picture = coarse(picture, rng, lowres_most)
         elif rng.random() < blur:
             picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2) * size / 224))
         array = np.rot90(np.asarray(picture), k=int(rng.integers(4)))

@@ -65,6 +65,7 @@ DEFAULTS = {
     "stain": 0.15,
     "grey": 0.0,
     "lowres": 0.0,
+    "lowres_most": 3.5,
     "standardise": "off",
     "contrast": 0.15,
     "restain": 0.0,
@@ -113,7 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grey", type=float, default=DEFAULTS["grey"],
                    help="share of training crops shown in grey (colour-blind cameras, stains that differ in hue)")
     p.add_argument("--lowres", type=float, default=DEFAULTS["lowres"],
-                   help="share of training crops shown at a 1.5-3.5x lower resolution, JPEG-compressed")
+                   help="share of training crops shown at a 1.5 to --lowres-most x lower resolution, JPEG-compressed")
+    p.add_argument("--lowres-most", type=float, default=DEFAULTS["lowres_most"],
+                   help="the lowest resolution of --lowres: this many times fewer pixels per side")
     p.add_argument("--contrast", type=float, default=DEFAULTS["contrast"],
                    help="contrast jitter: each training crop's contrast scaled by 1 +- this")
     p.add_argument("--restain", type=float, default=DEFAULTS["restain"],
@@ -275,7 +278,8 @@ def distribution_scope(devices: int):
 def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size: int, seed: int, epoch: int,
             stain: float = DEFAULTS["stain"], lowres: float = DEFAULTS["lowres"], workers: int = 1,
             grey: float = DEFAULTS["grey"], processes: bool = False, one_hot: int = 0,
-            contrast: float = DEFAULTS["contrast"], restain: float = DEFAULTS["restain"]):
+            contrast: float = DEFAULTS["contrast"], restain: float = DEFAULTS["restain"],
+            lowres_most: float = DEFAULTS["lowres_most"]):
     """A keras.utils.PyDataset of augmented batches: every training crop once per epoch (a lab's `repeat`
     times), shuffled, augmented in `workers` background threads while the network trains (in order: each batch's
     generator is seeded by its own index, so any number of threads gives the same batches). `processes` makes them
@@ -303,7 +307,7 @@ def batches(x_by_lab: dict, y_by_lab: dict, repeat: dict, size: int, batch_size:
             rng = np.random.default_rng([seed, self.epoch, i])
             targets = np.eye(one_hot, dtype=np.float32)[y[idx]] if one_hot else y[idx]
             return augment(x[idx], size, rng, stain=stain, lowres=lowres, grey=grey, contrast=contrast,
-                           restained=restain, templates=templates), targets
+                           restained=restain, templates=templates, lowres_most=lowres_most), targets
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -398,7 +402,8 @@ def train(args, sets: dict, checkpoint: Path, state: dict, progress: Progress, d
             progress.say(f"{phase}: {size} px, epochs {start + 1}-{epochs}, {steps_per_epoch} steps of "
                          f"{args.batch_size}, {'head only' if phase == 'head' else 'from ' + args.fine_tune_from}")
             model.fit(batches(x, y, repeat, size, args.batch_size, args.seed, start * 1000, args.stain, args.lowres,
-                              loader, args.grey, one_hot=classes, contrast=args.contrast, restain=args.restain),
+                              loader, args.grey, one_hot=classes, contrast=args.contrast, restain=args.restain,
+                              lowres_most=args.lowres_most),
                       epochs=epochs, initial_epoch=start, callbacks=[callback], verbose=0)
             done = set(state["done"])
     # Best epoch by validation; exported at 224 in float32 whatever trained it.
