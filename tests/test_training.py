@@ -158,6 +158,13 @@ def test_train_refuses_a_users_mistake_with_one_line(tmp_path, case):
     assert not out.exists() or out.read_bytes() == b"keep me"
 
 
+@pytest.mark.parametrize("flag,value", [("--restain", "1.5"), ("--grey", "-0.1"), ("--lowres-most", "1")])
+def test_train_refuses_an_augmentation_setting_out_of_range(capsys, flag, value):
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_args(["--data-root", "data", "--out", "m.h5", flag, value])
+    assert stopped.value.code == 2 and flag in capsys.readouterr().err
+
+
 def test_imagenet_weights_offline_name_the_offline_file(monkeypatch, tmp_path):
     import urllib.request
 

@@ -151,6 +151,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("no lab left to train on")
     if args.out.suffix != ".h5":
         p.error("--out must end in .h5")
+    for name in ("grey", "lowres", "restain"):
+        if not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name} is a share of the training crops: between 0 and 1")
+    if args.lowres_most < 1.5:
+        p.error("--lowres-most must be at least 1.5 (the least coarse --lowres crop)")
     return args
 
 
