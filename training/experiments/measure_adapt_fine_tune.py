@@ -71,9 +71,12 @@ def main(argv=None) -> int:
     sets = lab_sets(args.lab, args.data_root, ("train", "validation"), cache_dir=args.cache_dir)
     train, validation = sets["train"], sets["validation"]
     base = adapt.ResettableModel(args.base)
-    def served(model) -> float:
+    def answers(model) -> np.ndarray:
         head = adapt.head_layer(model).get_weights()
-        return validation.accuracy(adapt.served_probabilities(base.runner, validation.crops, head, 8))
+        return adapt.served_probabilities(base.runner, validation.crops, head, 8)
+
+    def served(model) -> float:
+        return validation.accuracy(answers(model))
 
     runs: dict[str, list[float]] = {}
 
@@ -95,6 +98,7 @@ def main(argv=None) -> int:
             name = "fine-tune " + json.dumps({k: v for k, v in setting.items() if k != "wise"})
             batches = int(np.ceil(len(crops) * setting["copies"] / 32))
             clock = time.time()
+            answered = []  # "ensemble": each run's served probabilities, scored on their own and averaged
             if setting.get("loop") == "adapt.py":  # adapt.fine_tune itself; "soup": the mean of that many runs'
                 members = []  # weights, each from the adapted weights with its own seed (Wortsman et al. 2022)
                 for member in range(setting.get("soup", setting.get("ensemble", 1))):
@@ -104,19 +108,13 @@ def main(argv=None) -> int:
                                     first_layer=setting["from"], learning_rate=setting["lr"], batch_size=batch,
                                     seed=1000 * seed + member, progress=False,
                                     **{k: setting[k] for k in ("stain", "light") if k in setting})
-                    members.append(model.get_weights())
-                    if setting.get("ensemble"):  # each run served on its own, and the mean of their answers
-                        head = adapt.head_layer(model).get_weights()
-                        members[-1] = adapt.served_probabilities(base.runner, validation.crops, head, 8)
-                        record(f"{name}, run {member}", seed, validation.accuracy(members[-1]))
-                if setting.get("ensemble"):
-                    seconds.setdefault(name, []).append(round(time.time() - clock, 1))
-                    for n in range(2, len(members) + 1):
-                        record(f"{name}, mean of {n} runs' answers", seed,
-                               validation.accuracy(np.mean(members[:n], axis=0)))
-                    set_trainable_from(model, None)
-                    continue
-                model.set_weights([np.mean(w, axis=0) for w in zip(*members, strict=True)])
+                    if setting.get("ensemble"):
+                        answered.append(answers(model))
+                        record(f"{name}, run {member}", seed, validation.accuracy(answered[-1]))
+                    else:
+                        members.append(model.get_weights())
+                if members:
+                    model.set_weights([np.mean(w, axis=0) for w in zip(*members, strict=True)])
             else:  # Keras fit() over `epochs` passes of `copies` augmented copies (the first measurements)
                 model.set_weights(adapted)
                 set_trainable_from(model, setting["from"])
@@ -129,11 +127,14 @@ def main(argv=None) -> int:
                     x = augment(crops[index], 224, rng, stain=0.05, light=0.1, blur=0.2)
                     model.fit(x, targets[index], batch_size=32, epochs=1, verbose=0, shuffle=True)
             seconds.setdefault(name, []).append(round(time.time() - clock, 1))
-            tuned = [w.copy() for w in model.get_weights()]
-            record(name, seed, served(model))
-            for share in setting.get("wise", []):
-                model.set_weights([share * t + (1 - share) * a for t, a in zip(tuned, adapted, strict=True)])
-                record(f"{name}, weights {share:g} of the way from the adapted ones", seed, served(model))
+            for n in range(2, len(answered) + 1):
+                record(f"{name}, mean of {n} runs' answers", seed, validation.accuracy(np.mean(answered[:n], axis=0)))
+            if not answered:
+                tuned = [w.copy() for w in model.get_weights()]
+                record(name, seed, served(model))
+                for share in setting.get("wise", []):
+                    model.set_weights([share * t + (1 - share) * a for t, a in zip(tuned, adapted, strict=True)])
+                    record(f"{name}, weights {share:g} of the way from the adapted ones", seed, served(model))
             set_trainable_from(model, None)
 
     result = {

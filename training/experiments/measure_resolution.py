@@ -52,9 +52,10 @@ def sharpness(crops: np.ndarray) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from training.adapt import ResettableModel
+    from hematovision.network import load_model
+    from training.adapt import FeatureRunner
 
-    runner = ResettableModel(args.model).runner
+    runner = FeatureRunner(load_model(args.model))
     result = {"command": config.command_line("training/experiments/measure_resolution.py", argv),
               "model": config.display_path(args.model), "labels": list(config.LABELS), "labs": {}}
     for lab in ("pbc", "lisc", "kaggle"):
